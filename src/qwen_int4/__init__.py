@@ -1,0 +1,16 @@
+"""qwen-int4: an inference engine for Qwen-7B-Chat and Qwen-7B-Chat-Int4."""
+from .chat import decode_tokens, get_stop_words_ids, make_context
+from .config import GenerationConfig, QuantConfig, QwenConfig
+from .tokenizer import AutoTokenizer, QWenTokenizer, StreamingDetokenizer
+
+__all__ = [
+    "AutoTokenizer",
+    "GenerationConfig",
+    "QWenTokenizer",
+    "QuantConfig",
+    "QwenConfig",
+    "StreamingDetokenizer",
+    "decode_tokens",
+    "get_stop_words_ids",
+    "make_context",
+]
