@@ -109,6 +109,10 @@ def test_decode_tokens_chatml(tokenizer):
     assert decode_tokens(ctx + reply + [151644, 872], tokenizer, len(raw), len(ctx), "chatml") == text
     text, reason = decode_tokens(ctx + reply, tokenizer, len(raw), len(ctx), "chatml", return_end_reason=True)
     assert text == "你好！很高兴为你提供帮助。" and reason == f"Gen length {len(ctx) + len(reply)}"
+    # a stop word forced <|endoftext|> (no im_end): it is dropped, as the reference drops it
+    assert decode_tokens(ctx + reply + [151643], tokenizer, len(raw), len(ctx), "chatml") == text
+    # max_new_tokens cut the reply: its last token is kept (the reference would lose "。")
+    assert decode_tokens(ctx + tokenizer.encode("好。"), tokenizer, len(raw), len(ctx), "chatml") == "好。"
     # a split character at the end is replaced, not raised
     assert decode_tokens(ctx + [51461], tokenizer, len(raw), len(ctx), "chatml") == "\ufffd"
 

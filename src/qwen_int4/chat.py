@@ -105,8 +105,9 @@ def decode_tokens(
     chatml: decode up to the first im_start/im_end at or after `context_length`, drop
     the first `raw_text_len` characters (the prompt), strip. raw: decode, drop the
     prompt, remove `<|endoftext|>`, strip.
-    The reference drops the last generated token when no stop id was generated (its
-    loop variable ends one short); we keep it: that token is part of the reply.
+    When no im_start/im_end was generated the reference drops the last token (its loop
+    variable ends one short): we drop it only when it is <|endoftext|>, so a reply cut by
+    max_new_tokens keeps its last token.
     """
     _check_chat_format(chat_format)
     if hasattr(tokens, "tolist"):
@@ -114,11 +115,15 @@ def decode_tokens(
     tokens = list(tokens)
     if chat_format == "chatml":
         stops = (tokenizer.im_start_id, tokenizer.im_end_id)
-        end = next((i for i in range(context_length, len(tokens)) if tokens[i] in stops), len(tokens))
-        if end < len(tokens):
+        end = next((i for i in range(context_length, len(tokens)) if tokens[i] in stops), None)
+        if end is not None:
             end_reason = f"Gen {tokenizer.decode([tokens[end]])!r}"
         else:
             end_reason = f"Gen length {len(tokens)}"
+            # the reference drops the last token here, which is the <|endoftext|> that ended
+            # generation; a real token (the reply hit max_new_tokens) we keep
+            has_eod = len(tokens) > context_length and tokens[-1] == tokenizer.eod_id
+            end = len(tokens) - 1 if has_eod else len(tokens)
         text = tokenizer.decode(tokens[:end], errors=errors)[raw_text_len:].strip()
     else:
         text = tokenizer.decode(tokens, errors=errors)[raw_text_len:]

@@ -8,7 +8,10 @@ import sys
 # subcommand name -> module under qwen_int4.cli; each module defines
 #   add_parser(subparsers) -> argparse.ArgumentParser   and   run(args) -> int
 SUBCOMMANDS = {
+    "chat": "chat",
+    "generate": "generate",
     "tokenize": "tokenize",
+    "make-test-model": "make_test_model",
 }
 
 
