@@ -110,3 +110,20 @@ def test_missing_model_dir_is_an_error(tmp_path):
 def test_tokenize():
     assert _run("tokenize", "你好").stdout.strip() == "[108386]"
     assert _run("tokenize", "--decode", "[108386]").stdout.strip() == "你好"
+
+
+def test_readme_demo_chat_works_offline(tmp_path):
+    """`qwen-int4 chat --demo` writes its tiny checkpoint once into the cache and chats."""
+    env = dict(_env(), XDG_CACHE_HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    for _ in range(2):  # the second start reuses the cached checkpoint
+        child = pexpect.spawn(CLI[0], CLI[1:] + ["chat", "--demo", "--max-new-tokens", "4"],
+                              env=env, encoding="utf-8", timeout=180)
+        child.expect("User: ")
+        child.sendline("hello")
+        child.expect("Qwen: ")
+        child.expect("User: ")
+        child.sendline(":q")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+    assert (tmp_path / "qwen-int4" / "demo-tiny-int4" / "config.json").exists()
