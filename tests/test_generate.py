@@ -245,3 +245,14 @@ def test_loaded_gptq_checkpoint_generates_like_the_recompute_loop(tmp_path, toke
     # the checkpoint's defaults (sampling, top_p 0.8, penalty 1.1) with a seed: reproducible
     sampled = [model.generate(prompt, max_new_tokens=6, seed=7) for _ in range(2)]
     assert torch.equal(sampled[0], sampled[1])
+
+
+def test_prompt_longer_than_context_is_rejected_and_generation_stops_at_context():
+    cfg = QwenConfig(vocab_size=151936, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     kv_channels=16, intermediate_size=64, seq_length=8, max_position_embeddings=12)
+    small = QWenLMHeadModel(cfg)
+    small.init_weights(0)
+    with pytest.raises(ValueError, match="prompt has 12 tokens, but the model's context is 12"):
+        small.generate(torch.arange(12)[None], do_sample=False)
+    out = small.generate(torch.arange(10)[None], do_sample=False, max_new_tokens=50, eos_token_id=151900)  # a padded id: never sampled
+    assert out.shape[1] == 12

@@ -156,7 +156,20 @@ class GenerationMixin:
         """
         cfg = self._generation_config(generation_config, stop_words_ids, overrides)
         input_ids, mask = _check_inputs(input_ids, attention_mask)
+        context = self._context_length()
+        if input_ids.shape[1] >= context:
+            raise ValueError(
+                f"the prompt has {input_ids.shape[1]} tokens, but the model's context is {context} "
+                "(config.json max_position_embeddings): shorten the prompt or the history"
+            )
+        # generation stops at the end of the context, as a server's max_model_len does
+        cfg = cfg.update(max_new_tokens=min(cfg.max_new_tokens, context - input_ids.shape[1]))
         return self._token_loop(input_ids, mask, cfg)
+
+    def _context_length(self) -> int:
+        """Longest sequence (prompt + generated) the model serves: config.max_position_embeddings."""
+        config = getattr(self, "config", None)
+        return int(getattr(config, "max_position_embeddings", 32768))
 
     @torch.inference_mode()
     def _token_loop(

@@ -152,3 +152,5 @@ def run(args: argparse.Namespace) -> int:
             session.reply(line)
         except KeyboardInterrupt:
             _print("\n[reply interrupted]")
+        except ValueError as exc:  # e.g. a prompt longer than the context: say so, keep the session
+            _print(f"\n[error: {exc}]")
