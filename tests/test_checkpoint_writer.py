@@ -8,11 +8,12 @@ import torch
 from safetensors import safe_open
 
 import qwen_int4.testing.checkpoint as ckpt
+from qwen_int4 import checkpoint_io
+from qwen_int4.checkpoint_io import shard_plan
 from qwen_int4.cli.main import main as cli_main
 from qwen_int4.cli.make_test_model import parse_size
 from qwen_int4.config import QuantConfig, QwenConfig
-from qwen_int4.testing import read_checkpoint_tensors, QWEN_7B, make_test_checkpoint
-
+from qwen_int4.testing import QWEN_7B, make_test_checkpoint, read_checkpoint_tensors
 
 
 def block_names(i, quantized):
@@ -131,7 +132,7 @@ def test_7b_plan_matches_spec_sizes():
     assert shapes["transformer.h.0.mlp.c_proj.qzeros"] == (86, 512)
     assert shapes["transformer.h.0.mlp.c_proj.g_idx"] == (11008,)
     assert ckpt.default_intermediate(4096, 128) == 22016
-    shards = ckpt._shards(int4, 2_000_000_000)
+    shards = shard_plan(int4, 2_000_000_000)
     assert len(shards) == 3 and all(sum(int4[i].nbytes for i in s) <= 2_000_000_000 for s in shards)
 
 
@@ -170,8 +171,8 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_save(tensors, path, metadata=metadata)
 
-    real_save = ckpt.save_file
-    monkeypatch.setattr(ckpt, "save_file", failing_save)
+    real_save = checkpoint_io.save_file
+    monkeypatch.setattr(checkpoint_io, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         make_test_checkpoint(tmp_path / "m", layers=2, max_shard_bytes=8_000_000)
     assert list(tmp_path.iterdir()) == []  # neither the target nor the temp dir

