@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "tokenize": "tokenize",
     "make-test-model": "make_test_model",
     "quantize": "quantize",
+    "serve": "serve",
 }
 
 

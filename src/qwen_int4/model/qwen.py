@@ -18,6 +18,9 @@ from ..generate import GenerationMixin
 from .cache import KVCache
 from .rope import RotaryEmbedding, apply_rotary, logn_scale, ntk_alpha
 
+# A cache is anything with update(layer_idx, k, v) -> (keys, values) and an `ntk_alpha`
+# attribute: KVCache here, or the serving engine's paged cache (engine/paged_cache.py).
+
 
 @dataclass
 class CausalLMOutput:
@@ -33,7 +36,7 @@ class AttentionInputs:
 
     cos: torch.Tensor  # [B or 1, S, 1, rot_dim] float32
     sin: torch.Tensor  # [B or 1, S, 1, rot_dim] float32
-    logn: torch.Tensor | None  # [1, S, 1, 1] float32, or None when LogN is inactive
+    logn: torch.Tensor | None  # [B or 1, S, 1, 1] float32, or None when LogN is inactive
     mask: torch.Tensor | None  # bool, broadcastable to [B, H, S, T]; True = may attend
     is_causal: bool  # SDPA's own causal mask (only when S == T and there is no padding)
 
@@ -141,6 +144,24 @@ def attention_mask_for(
     return allowed, False
 
 
+def rotary_at(
+    rotary: RotaryEmbedding, position_ids: torch.Tensor, alphas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, S, 1, rot_dim] float32 for explicit positions [B, S], each token with its own
+    NTK alpha (alphas [B, S] float32): rows of the per-alpha tables, gathered per token."""
+    end = int(position_ids.max()) + 1
+    cos = sin = None
+    for alpha in torch.unique(alphas).tolist():  # usually just 1.0
+        table_cos, table_sin = rotary.table(alpha, end, position_ids.device)  # [n, rot_dim]
+        c, s = table_cos[position_ids], table_sin[position_ids]  # [B, S, rot_dim]
+        if cos is None:
+            cos, sin = c, s
+        else:
+            pick = (alphas == alpha)[..., None]  # [B, S, 1]
+            cos, sin = torch.where(pick, c, cos), torch.where(pick, s, sin)
+    return cos[:, :, None], sin[:, :, None]  # [B, S, 1, rot_dim]
+
+
 class QWenModel(nn.Module):
     """Embedding, blocks and ln_f: `transformer` in the checkpoint."""
 
@@ -163,14 +184,29 @@ class QWenModel(nn.Module):
         return tuple(ntk_alpha(int(n), cfg.seq_length) for n in lengths)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final hidden states [B, S, hidden]; `cache` (if any) is updated in place."""
-        B, S = input_ids.shape
-        device = input_ids.device
+        if position_ids is None:
+            inputs = self.contiguous_inputs(input_ids.shape, attention_mask, cache, input_ids.device)
+        else:
+            inputs = self.explicit_inputs(position_ids, attention_mask, cache)
+        x = self.wte(input_ids)  # [B, S, hidden]
+        for block in self.h:
+            x = block(x, inputs, cache)
+        return self.ln_f(x)
+
+    def contiguous_inputs(
+        self, shape: torch.Size, attention_mask: torch.Tensor | None, cache: KVCache | None, device: torch.device
+    ) -> AttentionInputs:
+        """The reference's layout: every row continues at KV index `past` (left padding counts)."""
+        B, S = shape
         past = cache.seq_len if cache is not None else 0
         kv_len = past + S
-
         if past == 0:  # prefill: alpha is fixed here for every later step (reference behaviour)
             alphas = self.ntk_alphas(attention_mask, B, kv_len)
             if cache is not None:
@@ -182,12 +218,30 @@ class QWenModel(nn.Module):
         if self.config.use_logn_attn and kv_len > self.config.seq_length:
             logn = logn_scale(past, kv_len, self.config.seq_length, device)[None, :, None, None]  # [1, S, 1, 1]
         mask, is_causal = attention_mask_for(attention_mask, past, S, device)
-        inputs = AttentionInputs(cos=cos, sin=sin, logn=logn, mask=mask, is_causal=is_causal)
+        return AttentionInputs(cos=cos, sin=sin, logn=logn, mask=mask, is_causal=is_causal)
 
-        x = self.wte(input_ids)  # [B, S, hidden]
-        for block in self.h:
-            x = block(x, inputs, cache)
-        return self.ln_f(x)
+    def explicit_inputs(
+        self, position_ids: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache | None
+    ) -> AttentionInputs:
+        """Ragged layouts (the serving engine's): each token at its own absolute position.
+
+        The caller owns the layout, so it passes the 4-D mask for the keys the cache returns,
+        and the NTK alphas it fixed per sequence as `cache.ntk_alpha` ([B, S] per token, or one
+        per row); none means alpha 1. LogN scales each query by its own position.
+        """
+        B, S = position_ids.shape
+        alphas = getattr(cache, "ntk_alpha", None)
+        if alphas is None:
+            alphas = torch.ones(B, S)
+        alphas = torch.as_tensor(alphas, dtype=torch.float32, device=position_ids.device)
+        alphas = alphas.reshape(B, -1).expand(B, S)  # [B, S]: per-row values broadcast over tokens
+        cos, sin = rotary_at(self.rotary, position_ids, alphas)  # [B, S, 1, rot_dim]
+        logn = None
+        end = int(position_ids.max()) + 1
+        if self.config.use_logn_attn and end > self.config.seq_length:
+            scales = logn_scale(0, end, self.config.seq_length, position_ids.device)  # [end]
+            logn = scales[position_ids][:, :, None, None]  # [B, S, 1, 1]
+        return AttentionInputs(cos=cos, sin=sin, logn=logn, mask=attention_mask, is_causal=False)
 
 
 class QWenLMHeadModel(GenerationMixin, nn.Module):
@@ -217,20 +271,27 @@ class QWenLMHeadModel(GenerationMixin, nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = True,
         *,
-        logits_to_keep: int | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """Logits for input_ids [B, S] following the cached positions of past_key_values.
 
         attention_mask: [B, past + S], 1 for real tokens and 0 for left padding; it must be
         given on every step of a padded batch. past_key_values is updated in place and
-        returned. logits_to_keep: compute logits for only the last n positions.
+        returned. logits_to_keep: compute logits for only the last n positions, or (a 1-D
+        LongTensor) for those indices along S.
+        position_ids [B, S]: absolute rotary positions for ragged layouts (e.g. several
+        sequences packed in one row); attention_mask must then be a bool [B or 1, 1, S, T]
+        mask (True = may attend) over the T keys that the cache returns for this step.
         """
-        self._check_inputs(input_ids, attention_mask, past_key_values, use_cache)
+        self._check_inputs(input_ids, attention_mask, past_key_values, use_cache, position_ids)
         cache = past_key_values
         if use_cache and cache is None:
             cache = KVCache(self.config.num_hidden_layers)
-        hidden = self.transformer(input_ids, attention_mask, cache)  # [B, S, hidden]
-        if logits_to_keep is not None:
+        hidden = self.transformer(input_ids, attention_mask, cache, position_ids)  # [B, S, hidden]
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]  # [B, n, hidden]
+        elif logits_to_keep is not None:
             hidden = hidden[:, -logits_to_keep:]  # [B, n, hidden]
         return CausalLMOutput(logits=self.lm_head(hidden), past_key_values=cache)
 
@@ -240,6 +301,7 @@ class QWenLMHeadModel(GenerationMixin, nn.Module):
         attention_mask: torch.Tensor | None,
         cache: KVCache | None,
         use_cache: bool,
+        position_ids: torch.Tensor | None = None,
     ) -> None:
         """Raise ValueError naming what is wrong with the forward's arguments."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -256,6 +318,9 @@ class QWenLMHeadModel(GenerationMixin, nn.Module):
             raise ValueError(f"input_ids contains token id {hi}, but vocab_size is {self.config.vocab_size}")
         if cache is not None and not use_cache:
             raise ValueError("past_key_values was given with use_cache=False; pass use_cache=True to extend a cache")
+        if position_ids is not None:
+            self._check_explicit_layout(input_ids, attention_mask, position_ids)
+            return
         past = cache.seq_len if cache is not None else 0
         if past and cache.batch_size != input_ids.shape[0]:
             raise ValueError(f"input_ids has batch size {input_ids.shape[0]} but the KV cache holds {cache.batch_size} rows")
@@ -266,6 +331,17 @@ class QWenLMHeadModel(GenerationMixin, nn.Module):
                     f"attention_mask must have shape [batch, past + seq] = {list(expected)} "
                     f"(it covers the cached tokens too), got {list(attention_mask.shape)}"
                 )
+
+    @staticmethod
+    def _check_explicit_layout(input_ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor) -> None:
+        B, S = input_ids.shape
+        if tuple(position_ids.shape) != (B, S) or position_ids.dtype.is_floating_point:
+            raise ValueError(f"position_ids must be an integer tensor of input_ids' shape {[B, S]}, "
+                             f"got {position_ids.dtype} {list(position_ids.shape)}")
+        if mask is None or mask.dim() != 4 or mask.dtype != torch.bool or mask.shape[2] != S or mask.shape[0] not in (1, B):
+            got = "None" if mask is None else f"{mask.dtype} {list(mask.shape)}"
+            raise ValueError(f"with position_ids, attention_mask must be a bool [B or 1, 1, S={S}, keys] mask "
+                             f"(True = may attend) for the keys the cache returns, got {got}")
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:

@@ -1,0 +1,190 @@
+"""LLMEngine: requests in, a step at a time: schedule -> run the model -> sample -> outputs.
+
+Synchronous and single-threaded (AsyncEngine drives it from a thread for the server).
+A request joins the batch at the next step and leaves when its last sequence finishes.
+NTK: each sequence's alpha comes from its own prompt length at its first prefill (the
+reference's per-sample rule: 1 up to seq_length, then 3, 7, ...) and is kept for all its
+decode steps and across preemption, so a sequence never mixes keys of two alphas.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from ..model.rope import ntk_alpha
+from ..tokenizer import QWenTokenizer
+from .block_pool import BlockPool
+from .request import CompletionOutput, Request, RequestOutput, SamplingParams, Sequence
+from .runner import ModelRunner, num_kv_blocks
+from .sampler import sample
+from .scheduler import Scheduler, SchedulerOutput
+from .text import IncrementalText
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Engine sizes. The KV cache: num_blocks if given, else from kv_cache_gb, else (CUDA) a
+    fraction gpu_memory_utilization of the card; see runner.num_kv_blocks."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_gb: float | None = None
+    gpu_memory_utilization: float | None = None
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: config.max_position_embeddings
+    enable_prefix_caching: bool = True
+
+
+class LLMEngine:
+    def __init__(self, model: torch.nn.Module, tokenizer: QWenTokenizer, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config = config or EngineConfig()
+        num_blocks = config.num_blocks or num_kv_blocks(
+            model, config.block_size, config.kv_cache_gb, config.gpu_memory_utilization, config.max_num_batched_tokens)
+        self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
+        context = config.max_model_len or model.config.max_position_embeddings
+        capacity = num_blocks * config.block_size
+        if capacity < context:
+            log.warning("the KV cache holds %d tokens, fewer than the context of %d: max_model_len is %d",
+                        capacity, context, capacity)
+        self.max_model_len = min(context, capacity)
+        self.eos_token_id = model.generation_config.eos_token_id
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        self.num_prompt_tokens = 0  # totals, for /metrics
+        self.num_generation_tokens = 0
+        self.num_preemptions = 0
+
+    # ---- requests ---------------------------------------------------------------------
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError if the request cannot be served (nothing is queued)."""
+        params.validate()
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model.config.vocab_size
+        bad = [i for i in prompt_ids if not isinstance(i, int) or not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens, but the prompt "
+                             f"has {len(prompt_ids)} tokens: shorten the prompt or the history")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"this model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                             f"{len(prompt_ids)} tokens and max_tokens is {params.max_tokens}: lower max_tokens to "
+                             f"at most {self.max_model_len - len(prompt_ids)}")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    arrival: float | None = None) -> Request:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self.check_request(prompt_ids, params)
+        request = Request(request_id, prompt_ids, params, arrival)
+        cfg = self.model.config
+        alpha = ntk_alpha(len(prompt_ids), cfg.seq_length) if cfg.use_dynamic_ntk else 1.0
+        for i in range(params.n):
+            text = IncrementalText(self.tokenizer, params.stop, params.skip_special_tokens)
+            seq = Sequence(next(self._seq_ids), request, i, text)
+            seq.ntk_alpha = alpha
+            request.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+        self.num_prompt_tokens += len(prompt_ids)
+        return request
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request (client gone): its sequences end and free their blocks now."""
+        request = self.requests.pop(request_id, None)
+        if request is not None:
+            for seq in request.seqs:
+                if not seq.finished:
+                    self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ---------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample; outputs of the requests that changed."""
+        out: SchedulerOutput = self.scheduler.schedule()
+        self.num_preemptions += len(out.preempted)
+        changed = {seq.request.request_id: seq.request for seq in out.finished}
+        if out.scheduled:
+            logits, sampling = self.runner.execute(out.scheduled)
+            self.scheduler.commit(out)
+            for seq, (token, logprob) in zip(sampling, sample(logits, sampling)):
+                self._append(seq, token, logprob)
+                changed[seq.request.request_id] = seq.request
+        return [self._output(r) for r in changed.values() if r.request_id in self.requests]
+
+    def _append(self, seq: Sequence, token: int, logprob) -> None:
+        request, p = seq.request, seq.params
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        seq.output_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        self.num_generation_tokens += 1
+        reason = None
+        if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
+            reason = "stop"  # stop tokens end the sequence without entering its text
+        elif seq.text.add(token):
+            reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            seq.text.finish()
+            self.scheduler.finish(seq, reason)
+
+    def _output(self, request: Request) -> RequestOutput:
+        outputs = []
+        for seq in request.seqs:
+            new = slice(seq.num_reported, len(seq.output_ids))
+            delta = seq.text.release(final=seq.finished)
+            outputs.append(CompletionOutput(
+                index=seq.index, text=seq.text.text[: seq.text.released], delta_text=delta,
+                token_ids=list(seq.output_ids), delta_token_ids=seq.output_ids[new],
+                delta_logprobs=seq.logprobs[new] if seq.logprobs else [], finish_reason=seq.finish_reason,
+            ))
+            seq.num_reported = len(seq.output_ids)
+        if request.finished:
+            del self.requests[request.request_id]
+        ttft = None if request.first_token_time is None else request.first_token_time - request.arrival
+        return RequestOutput(request.request_id, request.prompt_ids, outputs, request.finished,
+                             sum(len(s.output_ids) for s in request.seqs), ttft)
+
+    # ---- offline use ------------------------------------------------------------------
+    def generate(self, prompts: Iterable[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+        """Run prompts to completion (all batched together); final outputs in prompt order."""
+        prompts = list(prompts)
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"offline-{next(self._seq_ids)}" for _ in prompts]
+        for request_id, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(request_id, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for output in self.step():
+                if output.finished:
+                    final[output.request_id] = output
+        return [final[i] for i in ids]
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "num_waiting": len(self.scheduler.waiting),
+            "num_running": len(self.scheduler.running),
+            "kv_blocks_used": self.pool.num_used,
+            "kv_blocks_total": self.pool.num_blocks,
+            "prompt_tokens_total": self.num_prompt_tokens,
+            "generation_tokens_total": self.num_generation_tokens,
+            "preemptions_total": self.num_preemptions,
+        }
