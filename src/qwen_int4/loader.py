@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from qwen_int4.config import GenerationConfig, QuantConfig, QwenConfig
 from qwen_int4.model.qwen import QWenLMHeadModel
-from qwen_int4.quant.gptq import GPTQLinear, replace_linear_with_gptq
+from qwen_int4.quant.gptq import GPTQLinear, prepare_quantized_layers, replace_linear_with_gptq
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -254,6 +254,7 @@ def load_model(
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"tensors left on the meta device after loading (not in the checkpoint): {leftover}")
+    prepare_quantized_layers(model)  # one kernel per GPTQ layer, repacked once ($QWEN_INT4_GPTQ_KERNEL forces one)
     model.requires_grad_(False)
     return model.eval()
 

@@ -11,19 +11,28 @@ G = K / g groups and pf = 32 / bits values per int32:
 
     W[k, n] = scales[g_idx[k], n] * (q[k, n] - (z'[g_idx[k], n] + 1))
 
-`dequantize_gptq` is the plain-PyTorch reference of that formula: the CPU path of
-`GPTQLinear` and the oracle for future kernels. `pack_gptq` (writer side) and
-`unpack_int32` (under `unpack_gptq` and `dequantize_gptq`) are the only bit-packing code.
+`dequantize_gptq` is the plain-PyTorch reference of that formula: the "torch-dequant"
+kernel and the oracle of the others. `pack_gptq` (writer side) and `unpack_int32` (under
+`unpack_gptq` and `dequantize_gptq`) are the bit-packing code, `pack_codes_u8` /
+`unpack_codes_u8` their byte-wise (little-endian) twins along the last dim for repacking.
+
+Which kernel runs a layer is decided once, after loading: `prepare_quantized_layers(model)`
+calls `GPTQLinear.process_weights_after_loading()`, which picks the first capable kernel of
+the device's ranked list (qwen_int4.kernels.registry; force one with $QWEN_INT4_GPTQ_KERNEL
+or kernel=) and lets it repack. state_dict() keeps giving the checkpoint layout.
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qwen_int4.config import QuantConfig
+from qwen_int4.kernels.registry import GPTQKernel, TorchDequantKernel, select_kernel
 
 SUPPORTED_BITS = (4, 8)
 
@@ -63,6 +72,32 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         return vals.reshape(packed.shape[0] * pf, packed.shape[1])
     vals = (packed.unsqueeze(2) >> shifts.view(1, 1, pf)) & mask  # [R, C, pf]
     return vals.reshape(packed.shape[0], packed.shape[1] * pf)
+
+
+def _check_little_endian() -> None:
+    if sys.byteorder != "little":
+        raise RuntimeError("byte-wise GPTQ (un)packing reads int32 words as bytes and needs a little-endian CPU")
+
+
+def unpack_codes_u8(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 words [R, C] -> uint8 codes [R, C * 32/bits], unpacked along the last dim (as
+    `unpack_int32(words, bits, dim=1)`, ~8x faster: byte-wise on little-endian words)."""
+    _pack_factor(bits)
+    _check_little_endian()
+    rows, cols = words.shape
+    octets = words.contiguous().view(torch.uint8).view(rows, cols * 4)  # byte j of a word = codes 2j, 2j+1 (4-bit)
+    if bits == 8:
+        return octets.clone()
+    return torch.stack([octets & 15, octets >> 4], dim=-1).view(rows, cols * 8)
+
+
+def pack_codes_u8(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `unpack_codes_u8`: uint8 codes [R, K] -> int32 words [R, K * bits/32]."""
+    _pack_factor(bits)
+    _check_little_endian()
+    rows = codes.shape[0]
+    octets = codes.contiguous() if bits == 8 else codes[:, 0::2] | (codes[:, 1::2] << 4)  # [R, K*bits/8]
+    return octets.contiguous().view(torch.int32).view(rows, -1)
 
 
 def pack_gptq(w_int: torch.Tensor, zeros: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,9 +225,11 @@ def quantize_rtn(
 
 
 class GPTQLinear(nn.Module):
-    """nn.Linear semantics over GPTQ-packed weights; forward dequantizes on the fly (CPU path).
+    """nn.Linear semantics over GPTQ-packed weights (checkpoint layout), run by a kernel.
 
-    The packed buffers are the only copy of the weight kept in memory.
+    Until `process_weights_after_loading()` the reference path runs (dequantize per call);
+    after it, the selected kernel's repacked buffers do. Either way no float copy of the
+    weight is kept, and state_dict() returns the checkpoint tensors.
     """
 
     def __init__(
@@ -219,6 +256,8 @@ class GPTQLinear(nn.Module):
             )
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.desc_act = bits, group_size, desc_act
+        self.kernel: GPTQKernel | None = None
+        self._kernel_device: str | None = None
         groups = math.ceil(in_features / gs)
         ints = dict(dtype=torch.int32, device=device)
         self.register_buffer("qweight", torch.zeros(in_features // pf, out_features, **ints))
@@ -230,20 +269,105 @@ class GPTQLinear(nn.Module):
         else:
             self.bias = None
 
+    def process_weights_after_loading(self, kernel: str | None = None, dtype: torch.dtype | None = None) -> str:
+        """Select the kernel for this layer's device and `dtype` (the activations'; default: the
+        scales' dtype, fp16 as stored) and let it repack once. kernel: force one by name
+        (default: $QWEN_INT4_GPTQ_KERNEL, else the ranked choice). Calling it again (after
+        .to(device), or to switch kernels) first restores the checkpoint layout. Returns the name.
+        """
+        self.release_kernel()
+        device = self.scales.device
+        cls = select_kernel(
+            self.bits, self.group_size, self.desc_act, self.in_features, self.out_features,
+            device, dtype or self.scales.dtype, force=kernel,
+        )
+        chosen = cls()
+        chosen.prepare(self)
+        self.kernel, self._kernel_device = chosen, device.type
+        return chosen.name
+
+    def release_kernel(self) -> None:
+        """Back to the checkpoint layout and the reference path (no-op when unprepared)."""
+        if self.kernel is not None:
+            kernel, self.kernel, self._kernel_device = self.kernel, None, None
+            kernel.release(self)
+
+    def checkpoint_tensor(self, name: str) -> torch.Tensor:
+        """A checkpoint buffer, rebuilt by the kernel if it freed it (qweight, for tinygemm-cpu)."""
+        tensor = getattr(self, name)
+        if tensor is None and self.kernel is not None:
+            tensor = self.kernel.checkpoint_tensors(self)[name]
+        return tensor
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as [K, N] float (a temporary; not stored)."""
-        return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
+        qweight = self.checkpoint_tensor("qweight")
+        return dequantize_gptq(qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight(x.dtype)  # [K, N], a view of [N, K] memory
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, w.t(), bias)  # [..., N]
+        if self.kernel is None:
+            return _REFERENCE.forward(self, x)
+        if x.device.type != self._kernel_device:
+            raise RuntimeError(
+                f"GPTQLinear was prepared for {self._kernel_device} by kernel {self.kernel.name!r} but got input "
+                f"on {x.device}; call prepare_quantized_layers(model) again after moving the model"
+            )
+        return self.kernel.forward(self, x)  # [..., N]
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel is not None:  # checkpoint buffers the kernel freed, rebuilt exactly
+            for name, tensor in self.kernel.checkpoint_tensors(self).items():
+                destination[prefix + name] = tensor
+
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        # new checkpoint tensors make any repacked copy stale: back to the checkpoint layout first
+        self.release_kernel()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, desc_act={self.desc_act}, bias={self.bias is not None}"
+            f"group_size={self.group_size}, desc_act={self.desc_act}, bias={self.bias is not None}, "
+            f"kernel={self.kernel.name if self.kernel else None}"
         )
+
+
+_REFERENCE = TorchDequantKernel()
+
+
+def prepare_quantized_layers(
+    model: nn.Module, kernel: str | None = None, dtype: torch.dtype | None = None
+) -> dict[str, int]:
+    """Run `process_weights_after_loading` on every GPTQLinear of `model` (the loader's last step).
+
+    dtype: the activations' dtype (default: the model's first float parameter's, e.g. fp16
+    for the Int4 release on CPU). kernel: force one by name (default: $QWEN_INT4_GPTQ_KERNEL).
+    Returns {kernel name: number of layers}.
+    """
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, GPTQLinear):
+            try:
+                chosen = module.process_weights_after_loading(kernel=kernel, dtype=dtype)
+            except ValueError as exc:
+                raise type(exc)(f"{name}: {exc}") from exc
+            counts[chosen] = counts.get(chosen, 0) + 1
+            _trim_malloc_heap()
+    return counts
+
+
+def _trim_malloc_heap() -> None:
+    """Repacking frees large temporaries between the kept buffers; glibc keeps such holes in
+    its heap (2 GB for 7B with tinygemm-cpu) until malloc_trim hands them back to the OS.
+    Trimmed after every layer, so they never pile up (the peak RSS of loading stays low)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def replace_linear_with_gptq(model: nn.Module, quant_config: QuantConfig) -> nn.Module:

@@ -1,0 +1,27 @@
+"""Kernels for quantized linears, each beside (or checked against) a plain-PyTorch reference.
+
+registry.py: the GPTQ kernel interface, the ranked list per device and `select_kernel`.
+cpu_int4.py: tinygemm's CPU int4 GEMM for 4- and 8-bit GPTQ ("tinygemm-cpu").
+triton_*.py: the CUDA kernels (see their docstrings).
+"""
+from qwen_int4.kernels.registry import (
+    KERNEL_ENV_VAR,
+    RANKED_KERNELS,
+    REFERENCE_KERNEL,
+    GPTQKernel,
+    NoKernelError,
+    kernel_names,
+    kernels_for,
+    select_kernel,
+)
+
+__all__ = [
+    "KERNEL_ENV_VAR",
+    "RANKED_KERNELS",
+    "REFERENCE_KERNEL",
+    "GPTQKernel",
+    "NoKernelError",
+    "kernel_names",
+    "kernels_for",
+    "select_kernel",
+]
