@@ -291,3 +291,11 @@ def test_bad_mask_and_cache(model):
             model(ids[:1, :1], past_key_values=cache)
         with pytest.raises(ValueError, match="use_cache=False"):
             model(ids[:, :1], past_key_values=cache, use_cache=False)
+
+
+def test_cache_does_not_keep_the_fused_qkv_alive():
+    model = random_model()
+    cache = model(torch.randint(0, VOCAB, (1, 7))).past_key_values
+    for k, v in cache.layers:
+        for t in (k, v):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()

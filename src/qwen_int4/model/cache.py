@@ -37,6 +37,8 @@ class KVCache:
         if past is not None:
             k = torch.cat((past[0], k), dim=1)  # [B, S_past + S_new, H, D]
             v = torch.cat((past[1], v), dim=1)  # [B, S_past + S_new, H, D]
+        else:  # k, v may be views of the layer's fused qkv: keep only their own memory alive
+            k, v = k.contiguous(), v.contiguous()
         self.layers[layer_idx] = (k, v)
         return k, v
 
