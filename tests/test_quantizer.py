@@ -18,11 +18,10 @@ from qwen_int4.quant.calibration import (
     load_calibration,
     record_to_ids,
 )
-from qwen_int4.quant.gptq import GPTQLinear, dequantize_gptq, quantize_rtn, unpack_gptq
+from qwen_int4.quant.gptq import GPTQLinear, dequantize_gptq, group_params, quantize_rtn, unpack_gptq
 from qwen_int4.quant.quantizer import (
     GPTQSettings,
     gptq_quantize_weight,
-    group_params,
     quantize_checkpoint,
     rtn_quantize_weight,
 )

@@ -170,6 +170,29 @@ def dequantize_gptq(
     return out.t()  # [K, N]
 
 
+def group_params(w: torch.Tensor, bits: int, sym: bool, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of the groups of `w` reduced over `dim`, as GPTQ's quantizer computes them.
+
+    sym: scale = 2*max|w|/maxq and zero = (maxq+1)/2; asym: the group's [min(w,0), max(w,0)]
+    range, zero clamped to >= 1 (the "zeros minus one" format cannot store 0). The scale comes
+    back already rounded to fp16 (what the checkpoint stores), floored at fp16's smallest
+    subnormal so that it never rounds to 0; both float32.
+    """
+    maxq = (1 << bits) - 1
+    if sym:
+        scale = 2 * w.abs().amax(dim=dim) / maxq
+        scale[scale == 0] = 2 / maxq
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        lo = w.amin(dim=dim).clamp(max=0)
+        hi = w.amax(dim=dim).clamp(min=0)
+        flat = (lo == 0) & (hi == 0)
+        lo[flat], hi[flat] = -1.0, 1.0
+        scale = (hi - lo) / maxq
+        zero = torch.round(-lo / scale).clamp(1, maxq)
+    return scale.half().float().clamp_min(2.0**-24), zero
+
+
 def quantize_rtn(
     weight: torch.Tensor,
     bits: int,
@@ -202,17 +225,7 @@ def quantize_rtn(
     else:
         perm = torch.arange(k_in)
     groups = weight.detach().float().t()[perm].reshape(k_in // gs, gs, n_out)  # [G, g, N] in perm order
-    if sym:
-        scale = 2 * groups.abs().amax(dim=1) / maxq  # [G, N]
-        scale[scale == 0] = 2 / maxq
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        lo = groups.amin(dim=1).clamp(max=0)
-        hi = groups.amax(dim=1).clamp(min=0)
-        flat = (lo == 0) & (hi == 0)
-        lo[flat], hi[flat] = -1.0, 1.0
-        scale = (hi - lo) / maxq
-        zero = torch.round(-lo / scale).clamp(1, maxq)
+    scale, zero = group_params(groups, bits, sym, dim=1)  # each [G, N]; scale fp16-exact
     scales = scale.half()
     q_perm = torch.round(groups / scales.float().unsqueeze(1)) + zero.unsqueeze(1)  # [G, g, N]
     q_perm = q_perm.clamp(0, maxq).to(torch.int32).reshape(k_in, n_out)

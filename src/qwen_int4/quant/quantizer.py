@@ -38,6 +38,7 @@ from qwen_int4.quant.calibration import load_calibration
 from qwen_int4.quant.gptq import (
     QUANTIZED_LINEARS,
     dequantize_gptq,
+    group_params,
     pack_gptq,
     quantize_rtn,
 )
@@ -77,28 +78,6 @@ class GPTQSettings:
 
 
 # ---------------------------------------------------------------- one weight matrix
-
-
-def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero), each [N], for the columns w [N, g] of one group, as `quantize_rtn` computes them.
-
-    The scale is returned already rounded to fp16 (what the checkpoint stores), so that the
-    error GPTQ compensates is the error of the weights the loader will see.
-    """
-    maxq = (1 << bits) - 1
-    if sym:
-        scale = 2 * w.abs().amax(dim=1) / maxq
-        scale[scale == 0] = 2 / maxq
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        lo = w.amin(dim=1).clamp(max=0)
-        hi = w.amax(dim=1).clamp(min=0)
-        flat = (lo == 0) & (hi == 0)
-        lo[flat], hi[flat] = -1.0, 1.0
-        scale = (hi - lo) / maxq
-        zero = torch.round(-lo / scale).clamp(1, maxq)
-    # a scale below fp16's smallest subnormal would round to 0 and divide by zero
-    return scale.half().float().clamp_min(2.0**-24), zero
 
 
 def inverse_hessian_cholesky(hessian: torch.Tensor, damp_percent: float) -> torch.Tensor:
