@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from qwen_int4.kernels.registry import GPTQKernel
-from qwen_int4.quant.gptq import pack_codes_u8, unpack_codes_u8, unpack_int32
+from qwen_int4.quant.gptq import act_order_perm, pack_codes_u8, unpack_codes_u8, unpack_int32
 
 TINYGEMM_GROUPS = (256, 128, 64, 32)  # group sizes the CPU op accepts, largest first
 
@@ -166,23 +166,6 @@ _MADV_DONTNEED = 4
 
 
 # ---------------------------------------------------------------- the kernel
-
-
-def act_order_perm(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
-    """Input-row order that makes every group contiguous (None: already k // group_size)."""
-    k_in = g_idx.numel()
-    g = g_idx.to(torch.int64)
-    in_order = torch.arange(k_in, device=g.device) // group_size
-    if torch.equal(g, in_order):
-        return None
-    perm = torch.argsort(g, stable=True)
-    if not torch.equal(g[perm], in_order):
-        counts = torch.bincount(g).tolist()
-        raise ValueError(
-            f"g_idx must give every group exactly {group_size} input rows (AutoGPTQ act-order does); "
-            f"found group sizes {sorted(set(counts))}: the checkpoint's g_idx is not a GPTQ act-order"
-        )
-    return perm
 
 
 def _scale_zero(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

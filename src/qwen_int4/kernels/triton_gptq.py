@@ -32,9 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen_int4.kernels.cpu_int4 import act_order_perm
 from qwen_int4.kernels.registry import GPTQKernel
-from qwen_int4.quant.gptq import pack_codes_u8, unpack_codes_u8
+from qwen_int4.quant.gptq import act_order_perm, pack_codes_u8, unpack_codes_u8
 
 try:
     import triton

@@ -170,6 +170,23 @@ def dequantize_gptq(
     return out.t()  # [K, N]
 
 
+def act_order_perm(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """Input-row order that makes every group contiguous (None: already k // group_size)."""
+    k_in = g_idx.numel()
+    g = g_idx.to(torch.int64)
+    in_order = torch.arange(k_in, device=g.device) // group_size
+    if torch.equal(g, in_order):
+        return None
+    perm = torch.argsort(g, stable=True)
+    if not torch.equal(g[perm], in_order):
+        counts = torch.bincount(g).tolist()
+        raise ValueError(
+            f"g_idx must give every group exactly {group_size} input rows (AutoGPTQ act-order does); "
+            f"found group sizes {sorted(set(counts))}: the checkpoint's g_idx is not a GPTQ act-order"
+        )
+    return perm
+
+
 def group_params(w: torch.Tensor, bits: int, sym: bool, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) of the groups of `w` reduced over `dim`, as GPTQ's quantizer computes them.
 
