@@ -18,9 +18,7 @@ The roofline of a step is (bytes it must read) / (measured copy bandwidth).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -29,52 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from qwen_int4.kernels import triton_gptq as tg
+from qwen_int4.testing import gpu_model as gm
+from qwen_int4.testing.gpu_model import copy_bandwidth, device_info, time_graph
 
 # Qwen-7B linears (in_features K, out_features N); w1 and w2 share a shape
 LINEARS = {"attn.c_attn": (4096, 12288), "attn.c_proj": (4096, 4096), "mlp.w1|w2": (4096, 11008), "mlp.c_proj": (11008, 4096)}
 LAYERS = 32
 GROUP = 128
-
-
-def device_info() -> dict:
-    p = torch.cuda.get_device_properties(0)
-    import triton
-
-    return {"device": p.name, "sms": p.multi_processor_count, "memory_GiB": round(p.total_memory / 2**30, 1),
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda}
-
-
-def time_graph(fn, replays: int = 20) -> float:
-    """Median seconds of one replay of a CUDA graph of fn() (captured after two warm-up runs)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del graph
-    return statistics.median(times)
-
-
-def copy_bandwidth(gib: float = 2.0) -> float:
-    """Bytes/s of a device-to-device copy (read + write), median of 10 after warm-up."""
-    src = torch.randn(int(gib * 2**30) // 2, dtype=torch.float16, device="cuda")
-    dst = torch.empty_like(src)
-    seconds = time_graph(functools.partial(dst.copy_, src), replays=10)
-    return 2 * src.numel() * 2 / seconds
 
 
 def each(fn, x: torch.Tensor | None, weights: list, *args):
@@ -215,13 +174,11 @@ def save(results: dict, path: str | None) -> None:
 
 def run_model_sections(args: argparse.Namespace, bandwidth: float, results: dict) -> None:
     """--decode / --prefill / --memory on random Qwen-7B-shaped models."""
-    import gpu_e2e
-
     from qwen_int4.config import QwenConfig
 
     cfg = QwenConfig()  # Qwen-7B: 32 layers, hidden 4096, vocab 151936, seq_length 8192
     t0 = time.perf_counter()
-    model = gpu_e2e.build_int4_model(cfg)
+    model = gm.build_int4_model(cfg)
     torch.cuda.synchronize()
     tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t is not None]
     results["model_GB"] = sum(t.numel() * t.element_size() for t in tensors) / 1e9
@@ -229,7 +186,7 @@ def run_model_sections(args: argparse.Namespace, bandwidth: float, results: dict
     print(f"random Int4 model built on the GPU in {time.perf_counter() - t0:.1f} s: its tensors "
           f"{results['model_GB']:.3f} GB, {results['allocated_after_build_GB']:.3f} GB allocated")
     if args.memory:
-        results["memory"] = [gpu_e2e.peak_memory(model, 2048, args.generate, kv) for kv in args.kv.split(",")]
+        results["memory"] = [gm.peak_memory(model, 2048, args.generate, kv) for kv in args.kv.split(",")]
         for row in results["memory"]:
             print(f"peak memory: {json.dumps(row)}")
         save(results, args.out)
@@ -238,7 +195,7 @@ def run_model_sections(args: argparse.Namespace, bandwidth: float, results: dict
         for one_row in args.one_row.split(","):
             tg.ONE_ROW_KERNEL = one_row
             for kv in args.kv.split(","):
-                r = {"one_row": one_row, **gpu_e2e.bench_decode(model, args.tokens, kv, bandwidth)}
+                r = {"one_row": one_row, **gm.bench_decode(model, args.tokens, kv, bandwidth)}
                 results["decode"].append(r)
                 save(results, args.out)
                 print(f"decode ({one_row}) {r['tokens']} tokens, {kv} KV: {r['tok_s']:.1f} tok/s ({r['ms_per_token']:.3f} ms/token), "
@@ -246,11 +203,11 @@ def run_model_sections(args: argparse.Namespace, bandwidth: float, results: dict
                       f"(mean step {r['mean_step_GB']:.3f} GB)")
         tg.ONE_ROW_KERNEL = "gemv"
     if args.prefill:
-        int4 = gpu_e2e.prefill_seconds(model, 2048)
+        int4 = gm.prefill_seconds(model, 2048)
         del model
         torch.cuda.empty_cache()
-        dense = gpu_e2e.build_dense_model(cfg)
-        bf16 = gpu_e2e.prefill_seconds(dense, 2048)
+        dense = gm.build_dense_model(cfg)
+        bf16 = gm.prefill_seconds(dense, 2048)
         del dense
         results["prefill"] = {"tokens": 2048, "int4_ms": int4 * 1e3, "dense_bf16_ms": bf16 * 1e3, "ratio": int4 / bf16}
         print(f"TTFT 2048-token prompt: Int4 {int4 * 1e3:.1f} ms, dense BF16 {bf16 * 1e3:.1f} ms ({int4 / bf16:.2f}x)")

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "make-test-model": "make_test_model",
     "quantize": "quantize",
     "serve": "serve",
+    "bench": "bench",
 }
 
 

@@ -46,13 +46,22 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first cos.shape[-1] dims of x [B, S, H, D] in float32; the rest pass through.
 
-    cos, sin: [B or 1, S, 1, rot_dim] float32. Returns x's dtype.
+    cos, sin: [B or 1, S, 1, rot_dim] float32. Returns a new contiguous tensor of x's dtype,
+    equal bit for bit to x_rot * cos + rotate_half(x_rot) * sin computed in float32: per half,
+    out1 = x1 c1 - x2 s1 and out2 = x2 c2 + x1 s2 (same products, same sums), written half by
+    half into the output so that at most four half-size float32 temporaries are alive at once
+    (a prefill's peak GPU memory is set here).
     """
     rot_dim = cos.shape[-1]
-    x_rot = x[..., :rot_dim].float()
-    x_pass = x[..., rot_dim:].float()
-    x_rot = x_rot * cos + rotate_half(x_rot) * sin
-    return torch.cat((x_rot, x_pass), dim=-1).type_as(x)
+    half = rot_dim // 2
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [B, S, H, D]
+    x1, x2 = x[..., :half].float(), x[..., half:rot_dim].float()  # [B, S, H, rot_dim/2]; views if x is fp32
+    c1, c2 = cos[..., :half], cos[..., half:]
+    s1, s2 = sin[..., :half], sin[..., half:]
+    out[..., :half] = (x1 * c1).sub_(x2 * s1)  # x1 c1 + (-x2) s1; in place on fresh products only
+    out[..., half:rot_dim] = (x2 * c2).add_(x1 * s2)  # x2 c2 + x1 s2
+    out[..., rot_dim:] = x[..., rot_dim:]
+    return out
 
 
 class RotaryEmbedding:
