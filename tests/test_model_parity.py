@@ -4,6 +4,7 @@ Sequences stay below seq_length, so dynamic NTK and LogN are inactive (Qwen2 has
 """
 import pytest
 import torch
+from _models import random_tiny_model
 
 from qwen_int4.config import QwenConfig
 from qwen_int4.model import KVCache, QWenLMHeadModel, RMSNorm
@@ -29,18 +30,7 @@ def tiny_config(**overrides) -> QwenConfig:
 
 def random_model(seed: int = 0, **overrides) -> QWenLMHeadModel:
     """Reference init plus random biases and norm weights, so misplaced ones show up."""
-    model = QWenLMHeadModel(tiny_config(**overrides))
-    model.init_weights(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("c_attn.bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            elif name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
-                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.2)
-            else:
-                p.mul_(5.0)  # larger than the training init: sharper attention, more distinct logits
-    return model.eval()
+    return random_tiny_model(tiny_config(**overrides), seed, norm_std=0.2)
 
 
 def qwen2_from(model: QWenLMHeadModel):

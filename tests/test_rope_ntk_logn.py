@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _models import random_tiny_model
 
 from qwen_int4.config import QwenConfig
 from qwen_int4.model import KVCache, QWenLMHeadModel
@@ -25,16 +26,7 @@ def tiny_model(use_dynamic_ntk: bool = True, use_logn_attn: bool = True, seed: i
         kv_channels=HEAD_DIM, intermediate_size=192, seq_length=SEQ, rotary_emb_base=BASE,
         use_dynamic_ntk=use_dynamic_ntk, use_logn_attn=use_logn_attn,
     )
-    model = QWenLMHeadModel(cfg)
-    model.init_weights(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("c_attn.bias"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-            elif not name.endswith("ln_1.weight") and not name.endswith("ln_2.weight") and "ln_f" not in name:
-                p.mul_(5.0)
-    return model.eval()
+    return random_tiny_model(cfg, seed)
 
 
 def spec_alpha(length: int) -> int:
