@@ -5,11 +5,9 @@ on the CPU under TRITON_INTERPRET=1 (a subprocess: the variable must be set befo
 imported) and, marked gpu, on CUDA, where the step is also captured and replayed as a graph.
 """
 import math
-import os
-import subprocess
-import sys
 
 import pytest
+from _triton import run_under_triton_interpreter
 import torch
 
 from qwen_int4.config import QuantConfig, QwenConfig
@@ -128,10 +126,7 @@ def check_kernels(device: str) -> None:
 
 
 def test_decode_in_triton_interpreter():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_under_triton_interpreter(__file__, timeout=900)
 
 
 @pytest.mark.gpu

@@ -5,10 +5,9 @@ TRITON_INTERPRET=1 at small odd shapes; the interpreter must be switched on befo
 imported, so that run happens in a subprocess (this file run as a script).
 """
 import os
-import subprocess
-import sys
 
 import pytest
+from _triton import run_under_triton_interpreter
 import torch
 
 from qwen_int4.quant.gptq import GPTQLinear, dequantize_gptq, quantize_rtn
@@ -106,10 +105,7 @@ def test_rejects_what_it_cannot_run():
 
 def test_kernels_in_triton_interpreter():
     """All checks on CPU through TRITON_INTERPRET=1, in a fresh interpreter."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_under_triton_interpreter(__file__, timeout=600)
 
 
 @pytest.mark.gpu
