@@ -5,7 +5,9 @@ Kept so that older notes' `import gpu_e2e` keeps working; new code imports qwen_
 from qwen_int4.testing.gpu_model import (  # noqa: F401
     bench_decode,
     build_dense_model,
+    build_gptq_model,
     build_int4_model,
+    build_model,
     encode_peak,
     kv_bytes_per_token,
     peak_memory,

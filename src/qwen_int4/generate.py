@@ -6,12 +6,19 @@ Stop words follow the reference's StopWordsLogitsProcessor: when the tail of a r
 therefore ends ...<|im_end|><|endoftext|>, as the reference's output ids do. The
 forced token costs no forward pass when every unfinished row is forced.
 Finished rows of a batch are filled with `pad_token_id` until all rows finish.
+
+On CUDA the steps after the prompt run as one captured CUDA graph replay each, over a static
+KV cache (engine/cuda_graph.py), when the model allows it (graph_decode_problem; one NTK alpha
+for all rows); otherwise, and on the CPU, every step is the model's forward with its KVCache.
+Sampling, stop words and streaming are the same code either way. QWEN_INT4_CUDA_GRAPH=0
+turns the graph path off.
 """
 from __future__ import annotations
 
 import copy
+import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TextIO
 
 import torch
@@ -73,6 +80,46 @@ class TextStreamer:
         if piece and self.stream is not None:
             self.stream.write(piece)
             self.stream.flush()
+
+
+CUDA_GRAPH_ENV_VAR = "QWEN_INT4_CUDA_GRAPH"
+StepFn = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]  # (ids [B, S], mask) -> logits [B, V]
+
+
+def _graph_steps(model: Any, input_ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int) -> StepFn | None:
+    """Logits of each step from a CUDAGraphDecoder (prefill first), or None when it does not apply."""
+    if input_ids.device.type != "cuda" or os.environ.get(CUDA_GRAPH_ENV_VAR, "1") == "0":
+        return None
+    from .engine.cuda_graph import CUDAGraphDecoder, graph_decode_problem
+    from .model.static_cache import StaticKVCache
+
+    if graph_decode_problem(model) is not None:
+        return None
+    batch, length = input_ids.shape
+    if len(set(model.transformer.ntk_alphas(mask, batch, length))) != 1:
+        return None  # rows with different NTK alphas cannot share one graph
+    # the last new token is never fed back: prompt + max_new_tokens - 1 positions are written
+    decoder = CUDAGraphDecoder(model, StaticKVCache.for_model(model, batch, length + max_new_tokens))
+
+    def step(step_ids: torch.Tensor, step_mask: torch.Tensor | None) -> torch.Tensor:
+        if decoder.cache.seq_len == 0:
+            return decoder.prefill(step_ids, step_mask)  # [B, V]
+        return decoder.step(step_ids[:, 0])  # [B, V], the graph's buffer: read before the next step
+
+    return step
+
+
+def _eager_steps(model: Any) -> StepFn:
+    """Logits of each step from the model's forward over a growing KVCache."""
+    past = None
+
+    def step(step_ids: torch.Tensor, step_mask: torch.Tensor | None) -> torch.Tensor:
+        nonlocal past
+        out = model(step_ids, attention_mask=step_mask, past_key_values=past, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+        return out.logits[:, -1, :]  # [B, V]
+
+    return step
 
 
 class _StopWords:
@@ -183,7 +230,8 @@ class GenerationMixin:
         penalise = cfg.repetition_penalty != 1.0
         history = input_ids  # [B, T] ids seen so far, for the repetition penalty (masked like `mask`)
         finished = [False] * batch
-        generator, past, step_ids = None, None, input_ids
+        generator, step_ids = None, input_ids
+        forward = _graph_steps(self, input_ids, mask, cfg.max_new_tokens) or _eager_steps(self)
         for _ in range(cfg.max_new_tokens):
             # Per row: pad once finished, eos right after a stop word, None: the model chooses.
             forced = [cfg.pad_token_id if done else cfg.eos_token_id if stop else None
@@ -191,8 +239,7 @@ class GenerationMixin:
             if all(f is not None for f in forced):
                 next_ids = torch.tensor(forced, dtype=torch.long, device=device)
             else:
-                out = self(step_ids, attention_mask=mask, past_key_values=past, use_cache=True, logits_to_keep=1)
-                past, logits = out.past_key_values, out.logits[:, -1, :].float()  # [B, V]
+                logits = forward(step_ids, mask).float()  # [B, V]
                 if generator is None and cfg.seed is not None:
                     generator = torch.Generator(device=logits.device).manual_seed(cfg.seed)
                 next_ids = sample_next_token(
@@ -317,7 +364,7 @@ class GenerationMixin:
         """
         if logits_processor is not None:
             raise ValueError("custom logits_processor is not supported; use the GenerationConfig sampling fields")
-        raw_text, context, stops, cfg = self._chat_prompt(
+        _raw_text, context, stops, cfg = self._chat_prompt(
             tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
         )
         input_ids = torch.tensor([context], dtype=torch.long, device=self._device())

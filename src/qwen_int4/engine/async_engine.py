@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,9 +28,21 @@ class _Pending:
     params: SamplingParams
 
 
+# Python hands the GIL to a waiting thread only every switch interval (5 ms by default): while the
+# event loop is busy with a step's outputs, the engine thread, done waiting for the device, would
+# sit up to 5 ms before it can launch the next step (measured on the CPU: 5.2 ms mean wake-up delay
+# against a busy thread at 5 ms, 0.7 ms at 0.5 ms). The server shortens it while the engine runs.
+ENGINE_SWITCH_INTERVAL_S = 0.0005
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, switch_interval: float | None = ENGINE_SWITCH_INTERVAL_S) -> None:
+        """Start the engine thread. switch_interval: the process's GIL switch interval while it runs
+        (None leaves it alone); the previous value comes back at shutdown."""
         self.engine = engine
+        self._previous_switch_interval = sys.getswitchinterval()
+        if switch_interval is not None:
+            sys.setswitchinterval(switch_interval)
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._pending: list[_Pending] = []
@@ -43,6 +56,7 @@ class AsyncEngine:
         self._stopped = True
         self._wakeup.set()
         self._thread.join(timeout)
+        sys.setswitchinterval(self._previous_switch_interval)
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Outputs of one request until it finishes; ValueError at once for a request the engine cannot take."""
@@ -98,8 +112,21 @@ class AsyncEngine:
                 log.exception("engine step failed")
                 self._fail_all(exc)
                 continue
+            self._deliver_step(outputs)
+
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their queues: one wake-up per event loop, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._lock:
             for output in outputs:
-                self._deliver(output.request_id, output)
+                target = self._queues.get(output.request_id)
+                if target is not None:  # else the consumer is gone; its abort is on the way
+                    by_loop.setdefault(target[0], []).append((target[1], output))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop is closed
+                pass
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         with self._lock:
@@ -116,3 +143,8 @@ class AsyncEngine:
         for request_id in list(self.engine.requests):
             self.engine.abort_request(request_id)
             self._deliver(request_id, RuntimeError(f"the engine failed while running this request: {exc}"))
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

@@ -9,19 +9,63 @@ captures one step and replays it: per token one graph launch, no host sync.
 Scope: every row shares one NTK alpha (prompts up to seq_length, 8192 for Qwen-7B, or equal
 lengths); rotary over the full head dim. A model change that would make this file smaller is
 described in the helper's report (attention over a preallocated cache at a position tensor).
+`graph_decode_problem` says why a model cannot take this path (generate() then falls back to
+the model's forward). A GPTQ layer on the reference kernel (torch-dequant) syncs the host
+(it checks g_idx), so it runs the same step eagerly (`graph=False`), never captured.
 """
 from __future__ import annotations
 
 import torch
 
+from ..kernels.registry import REFERENCE_KERNEL
 from ..kernels.triton_decode import (
     add_rms_norm,
     decode_attention,
     rope_write_kv,
     swiglu,
 )
+from ..kernels.triton_gptq import gated_gemv
 from ..model.rope import logn_scale
 from ..model.static_cache import StaticKVCache
+from ..quant.gptq import GPTQLinear
+
+
+def _triton_missing() -> bool:
+    from ..kernels import triton_decode
+
+    return triton_decode.triton is None
+
+
+def graph_decode_problem(model: torch.nn.Module, capture: bool = True) -> str | None:
+    """Why `model` cannot decode through DecodeStep (captured as a CUDA graph when capture), or None."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(getattr(model, "transformer", None), "h"):
+        return f"{type(model).__name__} is not a QWenLMHeadModel"
+    if model.device.type != "cuda":
+        return f"the model is on {model.device}, the decode step's kernels need CUDA"
+    if _triton_missing():
+        return "Triton is not installed (the decode step's kernels are Triton kernels)"
+    if model.dtype not in (torch.float16, torch.bfloat16):
+        return f"the decode step runs float16/bfloat16 models, this one is {model.dtype}"
+    if cfg.rotary_dim != cfg.head_dim:
+        return f"the decode step rotates the whole head (rotary_pct 1.0); rotary_dim is {cfg.rotary_dim}"
+    if capture:
+        for name, module in model.named_modules():
+            if isinstance(module, GPTQLinear) and (module.kernel is None or module.kernel.name == REFERENCE_KERNEL):
+                return f"{name} runs the {REFERENCE_KERNEL} reference kernel, which syncs the host (not capturable)"
+    return None
+
+
+def graph_capturable(model: torch.nn.Module) -> bool:
+    """Whether every layer of `model` can run inside a captured CUDA graph (no reference GPTQ kernel)."""
+    return graph_decode_problem(model, capture=True) is None
+
+
+def _swiglu_mlp(mlp: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """w1(y) * silu(w2(y)) [B, ffn]: in w2's GEMV epilogue when it can (one launch less)."""
+    a = mlp.w1(y)
+    fused = gated_gemv(mlp.w2, y, a)
+    return fused if fused is not None else swiglu(a, mlp.w2(y))
 
 
 class DecodeStep:
@@ -63,7 +107,7 @@ class DecodeStep:
             q = rope_write_kv(qkv, self.cos, self.sin, self.logn, self.pos, keys, values, meta, heads)  # [B, H, D]
             o = decode_attention(q, keys, values, meta, self.pos, self.start, self.splits)  # [B, hidden]
             y, x = add_rms_norm(block.attn.c_proj(o), x, block.ln_2.weight, eps)  # x += attn; y = ln_2(x)
-            m = block.mlp.c_proj(swiglu(block.mlp.w1(y), block.mlp.w2(y)))
+            m = block.mlp.c_proj(_swiglu_mlp(block.mlp, y))
             norm = t.h[i + 1].ln_1.weight if i + 1 < len(t.h) else t.ln_f.weight
             y, x = add_rms_norm(m, x, norm, eps)  # x += mlp; y = next ln_1 (or ln_f)
         return self.model.lm_head(y)  # [B, V]
@@ -74,10 +118,13 @@ class CUDAGraphDecoder:
 
     greedy=True puts argmax in the graph: the next token feeds the next step on the device and
     `generate_greedy` never syncs. Otherwise `step(ids)` returns the logits for sampling.
+    graph=False runs the same step eagerly (models whose kernels cannot be captured).
     """
 
-    def __init__(self, model: torch.nn.Module, cache: StaticKVCache, splits: int = 16, greedy: bool = False) -> None:
-        self.model, self.cache, self.greedy = model, cache, greedy
+    def __init__(
+        self, model: torch.nn.Module, cache: StaticKVCache, splits: int = 16, greedy: bool = False, graph: bool = True
+    ) -> None:
+        self.model, self.cache, self.greedy, self.use_graph = model, cache, greedy, graph
         self.step_fn = DecodeStep(model, cache, splits)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -104,9 +151,21 @@ class CUDAGraphDecoder:
         self.step_fn.pos.add_(1)
         self.logits = logits
 
+    def _replay(self) -> None:
+        """One step: the graph's replay, or (graph=False) the step itself."""
+        if not self.use_graph:
+            with torch.inference_mode():
+                self._body()
+            return
+        if self.graph is None:
+            self.capture()
+        self.graph.replay()
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture one step (after two warm-up steps whose cache writes the next steps overwrite)."""
+        if not self.use_graph:
+            raise ValueError("this CUDAGraphDecoder was made with graph=False: its step runs eagerly")
         step = self.step_fn
         pos, token = step.pos.clone(), step.token.clone()
         stream = torch.cuda.Stream()
@@ -124,12 +183,10 @@ class CUDAGraphDecoder:
 
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Feed token_ids [B] at the next position; logits [B, V] (a buffer the next step reuses)."""
-        if self.graph is None:
-            self.capture()
         if self.cache.seq_len >= self.cache.max_len:
             raise ValueError(f"the StaticKVCache is full ({self.cache.max_len} positions)")
         self.step_fn.token.copy_(token_ids)
-        self.graph.replay()
+        self._replay()
         self.cache.advance(1)
         return self.logits
 
@@ -139,12 +196,10 @@ class CUDAGraphDecoder:
             raise ValueError("generate_greedy needs CUDAGraphDecoder(greedy=True)")
         if self.cache.seq_len + steps > self.cache.max_len:
             raise ValueError(f"{steps} steps after {self.cache.seq_len} cached positions exceed {self.cache.max_len}")
-        if self.graph is None:
-            self.capture()
         out = torch.empty(first_token.shape[0], steps, dtype=torch.long, device=first_token.device)
         self.step_fn.token.copy_(first_token)
         for i in range(steps):
-            self.graph.replay()  # writes the next token into step_fn.token
+            self._replay()  # writes the next token into step_fn.token
             out[:, i].copy_(self.step_fn.token)
         self.cache.advance(steps)
         return out

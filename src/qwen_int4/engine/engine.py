@@ -41,6 +41,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: config.max_position_embeddings
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True  # decode-only steps replay a captured graph (CUDA only)
 
 
 class LLMEngine:
@@ -51,20 +52,23 @@ class LLMEngine:
         num_blocks = config.num_blocks or num_kv_blocks(
             model, config.block_size, config.kv_cache_gb, config.gpu_memory_utilization, config.max_num_batched_tokens)
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
         context = config.max_model_len or model.config.max_position_embeddings
         capacity = num_blocks * config.block_size
         if capacity < context:
             log.warning("the KV cache holds %d tokens, fewer than the context of %d: max_model_len is %d",
                         capacity, context, capacity)
         self.max_model_len = min(context, capacity)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs, self.max_model_len,
+                                  config.cuda_graphs)
+        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_id = model.generation_config.eos_token_id
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.num_prompt_tokens = 0  # totals, for /metrics
         self.num_generation_tokens = 0
         self.num_preemptions = 0
+        self._inflight: tuple[torch.Tensor, list[Sequence]] | None = None  # launched, not yet sampled
+        self._ended_by_scheduler: list[Sequence] = []
 
     # ---- requests ---------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -115,19 +119,49 @@ class LLMEngine:
 
     # ---- one step ---------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample; outputs of the requests that changed."""
-        out: SchedulerOutput = self.scheduler.schedule()
-        self.num_preemptions += len(out.preempted)
-        changed = {seq.request.request_id: seq.request for seq in out.finished}
-        if out.scheduled:
-            logits, sampling = self.runner.execute(out.scheduled)
-            self.scheduler.commit(out)
-            for seq, (token, logprob) in zip(sampling, sample(logits, sampling)):
-                self._append(seq, token, logprob)
-                changed[seq.request.request_id] = seq.request
+        """Outputs of the requests that changed: one model step's tokens.
+
+        Pipelined: the step in flight is collected (sampled: the host waits for the device, and
+        every decision that can end a sequence is taken), the next step is scheduled and launched,
+        and only then is the collected step's text decoded and reported, while the device runs.
+        A sequence that ends meanwhile (an abort) has its row of the launched step dropped.
+        """
+        if self._inflight is None:
+            self._launch()
+        changed, deferred = self._collect()
+        self._launch()
+        for seq, token in deferred:
+            seq.text.add(token)  # its request has no stop strings: text cannot end the sequence
         return [self._output(r) for r in changed.values() if r.request_id in self.requests]
 
-    def _append(self, seq: Sequence, token: int, logprob) -> None:
+    def _launch(self) -> None:
+        """Schedule a step and start it on the device (the logits are not waited for)."""
+        out: SchedulerOutput = self.scheduler.schedule()
+        self.num_preemptions += len(out.preempted)
+        self._ended_by_scheduler += out.finished
+        if out.scheduled:
+            self._inflight = self.runner.execute(out.scheduled)
+            self.scheduler.commit(out)
+
+    def _collect(self) -> tuple[dict[str, Request], list[tuple[Sequence, int]]]:
+        """Sample the step in flight and append its tokens; (changed requests, tokens whose text waits)."""
+        changed = {seq.request.request_id: seq.request for seq in self._ended_by_scheduler}
+        self._ended_by_scheduler = []
+        deferred = []
+        if self._inflight is not None:
+            (logits, sampling), self._inflight = self._inflight, None
+            live = [i for i, seq in enumerate(sampling) if not seq.finished]
+            if len(live) < len(sampling):
+                logits, sampling = logits[live], [sampling[i] for i in live]
+            for seq, (token, logprob) in zip(sampling, sample(logits, sampling)):
+                if self._append(seq, token, logprob):
+                    deferred.append((seq, token))
+                changed[seq.request.request_id] = seq.request
+        return changed, deferred
+
+    def _append(self, seq: Sequence, token: int, logprob) -> bool:
+        """Add a sampled token and end the sequence if it must; True when its text is left for later
+        (the request has no stop strings, so only the stop-token and length checks can end it)."""
         request, p = seq.request, seq.params
         if request.first_token_time is None:
             request.first_token_time = time.monotonic()
@@ -135,16 +169,21 @@ class LLMEngine:
         if logprob is not None:
             seq.logprobs.append(logprob)
         self.num_generation_tokens += 1
+        defer = not seq.text.stop
         reason = None
         if token in p.stop_token_ids or (token == self.eos_token_id and not p.ignore_eos):
             reason = "stop"  # stop tokens end the sequence without entering its text
-        elif seq.text.add(token):
+        elif not defer and seq.text.add(token):
             reason = "stop"
         elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
-        if reason is not None:
-            seq.text.finish()
-            self.scheduler.finish(seq, reason)
+        if reason is None:
+            return defer
+        if defer and reason == "length":
+            seq.text.add(token)
+        seq.text.finish()
+        self.scheduler.finish(seq, reason)
+        return False
 
     def _output(self, request: Request) -> RequestOutput:
         outputs = []

@@ -1,22 +1,24 @@
-"""Model runner: one scheduled step -> one forward of QWenLMHeadModel over the paged KV cache.
+"""Model runner: one scheduled step -> logits of the sequences that sample next.
 
-The step's tokens are packed into one row [1, N] with their absolute positions; the mask
-lets a token see the keys of its own sequence at positions <= its own. Logits are computed
-only for the last token of each sequence whose step reaches its end (it samples next).
+Two paths. A decode-only step on CUDA (one token per sequence, NTK alpha 1) replays the CUDA
+graph of its batch bucket (engine/paged_decode.py). Any other step is one forward of
+QWenLMHeadModel: the step's tokens packed into one row [1, N] with their absolute positions,
+one-token steps first, and a PagedKVCache that stores the new keys/values in the pool and
+attends per sequence (engine/paged_cache.py). Logits are computed only for the last token of
+each sequence whose step reaches its end (it samples next).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .paged_cache import KVPool, PagedKVCache
+from .cuda_graph import graph_decode_problem
+from .paged_cache import KVPool, PagedKVCache, StepLayout
+from .paged_decode import DecodeGraphs, decode_splits
 from .request import Sequence
 
 DEFAULT_CPU_KV_CACHE_GB = 1.0
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
-# Not cuDNN: it builds an execution plan per attention shape, and the packed layout's shape
-# changes every step (measured on an H200, tiny model: 38 ms/step with it, 6.5 ms without).
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def num_kv_blocks(model: torch.nn.Module, block_size: int, kv_cache_gb: float | None = None,
@@ -71,52 +73,105 @@ def _profile_forward_peak(model: torch.nn.Module, num_tokens: int) -> int:
     return peak
 
 
-class ModelRunner:
-    """Owns the KV pool and runs the model on the scheduled tokens."""
+def _token_at(seq: Sequence, position: int) -> int:
+    prompt = seq.prompt_ids
+    return prompt[position] if position < len(prompt) else seq.output_ids[position - len(prompt)]
 
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
+
+def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Flat pool slots of positions start..end-1 of a sequence with this block table."""
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+class ModelRunner:
+    """Owns the KV pool (and on CUDA the decode graphs) and runs the model on the scheduled tokens."""
+
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, max_num_seqs: int = 128,
+                 max_model_len: int | None = None, cuda_graphs: bool = True) -> None:
         cfg = model.config
         self.model = model
         self.device = model.device
         self.block_size = block_size
         self.kv = KVPool(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_attention_heads, cfg.head_dim,
                          model.dtype, model.device)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and graph_decode_problem(model) is None:  # CUDA, Triton, fp16/bf16, capturable kernels
+            max_len = max_model_len or cfg.max_position_embeddings
+            self.graphs = DecodeGraphs(model, self.kv, max_num_seqs, max_len)
+            self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, scheduled: dict[Sequence, int]) -> tuple[torch.Tensor, list[Sequence]]:
         """Run the step; return float32 logits [M, vocab] for the M sequences that sample, and them."""
+        items = sorted(scheduled.items(), key=lambda item: item[1] > 1)  # one-token steps first (stable)
+        g = self.graphs
+        if (g is not None and items[-1][1] == 1 and len(items) <= g.max_batch
+                and all((seq.ntk_alpha or 1.0) == 1.0 for seq, _ in items)):
+            return self._decode_graph(items)
+        return self._forward(items)
+
+    def _decode_graph(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        bs = self.block_size
+        seqs = [seq for seq, _ in items]
+        positions = [seq.num_computed for seq in seqs]
+        tokens = [_token_at(seq, p) for seq, p in zip(seqs, positions)]
+        slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
+        logits = self.graphs.run(tokens, positions, slots, [seq.block_table for seq in seqs])  # [n, V]
+        keep = [i for i, (seq, p) in enumerate(zip(seqs, positions)) if p + 1 == seq.num_tokens]
+        if len(keep) < len(seqs):
+            logits = logits[torch.tensor(keep, device=self.device)]
+        return logits.float(), [seqs[i] for i in keep]
+
+    def _forward(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         bs, dev = self.block_size, self.device
-        ids, positions, slots, context, q_seq, k_seq, k_pos, alphas = [], [], [], [], [], [], [], []
-        keep, sampling = [], []
-        n_tokens = 0
-        for i, (seq, n) in enumerate(scheduled.items()):
+        ids, positions, slots, alphas, keep, sampling = [], [], [], [], [], []
+        decode_tables, decode_lens, prefills = [], [], []
+        cu_q, cu_k = [0], [0]
+        for seq, n in items:
             start, end = seq.num_computed, seq.num_computed + n
-            pos = torch.arange(start, end)
-            table = torch.tensor(seq.block_table[: -(-end // bs)], dtype=torch.long)  # blocks covering 0..end-1
-            ids.append(torch.tensor(seq.token_ids[start:end], dtype=torch.long))
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            context.append((table[:, None] * bs + torch.arange(bs)).reshape(-1)[:end])  # slots of 0..end-1
-            q_seq.append(torch.full((n,), i))
-            k_seq.append(torch.full((end,), i))
-            k_pos.append(torch.arange(end))
-            alphas.append(torch.full((n,), float(seq.ntk_alpha or 1.0)))
-            n_tokens += n
+            ids += (seq.prompt_ids + seq.output_ids)[start:end] if n > 1 else [_token_at(seq, start)]
+            positions += range(start, end)
+            slots += _slots(seq.block_table, start, end, bs)
+            alphas += [float(seq.ntk_alpha or 1.0)] * n
+            if n == 1:
+                decode_tables.append(seq.block_table)
+                decode_lens.append(end)
+            else:
+                prefills.append((seq, end))
+                cu_q.append(cu_q[-1] + n)
+                cu_k.append(cu_k[-1] + end)
             if end == seq.num_tokens:  # the step reaches the sequence's last token: it samples
-                keep.append(n_tokens - 1)
+                keep.append(len(ids) - 1)
                 sampling.append(seq)
-        positions_t = torch.cat(positions)
-        # block-diagonal causal mask: a token sees its own sequence's keys at positions <= its own
-        mask = (torch.cat(q_seq)[:, None] == torch.cat(k_seq)[None, :]) & (
-            torch.cat(k_pos)[None, :] <= positions_t[:, None])  # [N, T]
-        cache = PagedKVCache(self.kv, torch.cat(slots).to(dev), torch.cat(context).to(dev),
-                             torch.cat(alphas)[None].to(dev))
-        with sdpa_kernel(SDPA_BACKENDS):
-            out = self.model(
-                torch.cat(ids)[None].to(dev),  # [1, N]
-                attention_mask=mask[None, None].to(dev),  # [1, 1, N, T]
-                past_key_values=cache,
-                position_ids=positions_t[None].to(dev),  # [1, N]
-                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=dev),
-            )
+        nd = len(decode_lens)
+        tables = None
+        if nd:
+            tables = np.zeros((nd, max(len(t) for t in decode_tables)), dtype=np.int32)
+            for row, table in enumerate(decode_tables):
+                tables[row, : len(table)] = table
+            tables = torch.from_numpy(tables).to(dev)
+        context_slots = None
+        if any(seq.num_computed for seq, _ in prefills):  # a chunk continues a cached prefix
+            context_slots = torch.tensor([s for seq, end in prefills for s in _slots(seq.block_table, 0, end, bs)],
+                                         dtype=torch.long, device=dev)
+        else:
+            cu_k = cu_q
+        layout = StepLayout(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decode=nd,
+            block_tables=tables,
+            context_lens=torch.tensor(decode_lens, dtype=torch.int32, device=dev) if nd else None,
+            cu_q=cu_q, cu_k=cu_k,
+            cu_q_dev=torch.tensor(cu_q, dtype=torch.int32, device=dev) if prefills else None,
+            cu_k_dev=torch.tensor(cu_k, dtype=torch.int32, device=dev) if prefills else None,
+            context_slots=context_slots,
+            decode_splits=decode_splits(nd) if nd else 1,
+        )
+        cache = PagedKVCache(self.kv, layout, torch.tensor([alphas], dtype=torch.float32, device=dev))
+        out = self.model(
+            torch.tensor([ids], dtype=torch.long, device=dev),  # [1, N]
+            past_key_values=cache,
+            position_ids=torch.tensor([positions], dtype=torch.long, device=dev),  # [1, N]
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=dev),
+        )
         return out.logits[0].float(), sampling  # [M, vocab]

@@ -19,7 +19,9 @@ from .cache import KVCache
 from .rope import RotaryEmbedding, apply_rotary, logn_scale, ntk_alpha
 
 # A cache is anything with update(layer_idx, k, v) -> (keys, values) and an `ntk_alpha`
-# attribute: KVCache here, or the serving engine's paged cache (engine/paged_cache.py).
+# attribute (KVCache, StaticKVCache), or with attention(layer_idx, q, k, v) -> out [B, S, H, D]
+# instead of update: a cache that stores k, v and attends in its own layout (the serving
+# engine's paged cache, engine/paged_cache.py), given rotated q and k.
 
 
 @dataclass
@@ -77,19 +79,20 @@ class QWenAttention(nn.Module):
         k = apply_rotary(k, inputs.cos, inputs.sin)
         if inputs.logn is not None:  # after RoPE, queries only
             q = q * inputs.logn.type_as(q)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # [B, T, H, D], T = past + S
-
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),  # [B, H, S, D]
-            k.transpose(1, 2),  # [B, H, T, D]
-            v.transpose(1, 2),  # [B, H, T, D]
-            attn_mask=inputs.mask,
-            is_causal=inputs.is_causal,
-            scale=1.0 / math.sqrt(self.head_dim),
-        )  # [B, H, S, D]
-        out = out.transpose(1, 2).reshape(B, S, self.hidden_size)  # [B, S, hidden]
-        return self.c_proj(out)
+        if hasattr(cache, "attention"):  # a cache with its own layout (the engine's paged pool) attends itself
+            out = cache.attention(self.layer_idx, q, k, v)  # [B, S, H, D]
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)  # [B, T, H, D], T = past + S
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),  # [B, H, S, D]
+                k.transpose(1, 2),  # [B, H, T, D]
+                v.transpose(1, 2),  # [B, H, T, D]
+                attn_mask=inputs.mask,
+                is_causal=inputs.is_causal,
+                scale=1.0 / math.sqrt(self.head_dim),
+            ).transpose(1, 2)  # [B, S, H, D]
+        return self.c_proj(out.reshape(B, S, self.hidden_size))  # [B, S, hidden]
 
 
 class QWenMLP(nn.Module):
@@ -282,7 +285,8 @@ class QWenLMHeadModel(GenerationMixin, nn.Module):
         LongTensor) for those indices along S.
         position_ids [B, S]: absolute rotary positions for ragged layouts (e.g. several
         sequences packed in one row); attention_mask must then be a bool [B or 1, 1, S, T]
-        mask (True = may attend) over the T keys that the cache returns for this step.
+        mask (True = may attend) over the T keys that the cache returns for this step, or None
+        with a cache that attends itself (see the note on caches at the top of this file).
         """
         self._check_inputs(input_ids, attention_mask, past_key_values, use_cache, position_ids)
         cache = past_key_values
@@ -311,15 +315,11 @@ class QWenLMHeadModel(GenerationMixin, nn.Module):
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
         if input_ids.numel() == 0:
             raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one token per row")
-        lo, hi = (int(t) for t in torch.aminmax(input_ids))  # one pass, one sync
-        if lo < 0:
-            raise ValueError(f"input_ids contains the negative token id {lo}; ids must be in [0, {self.config.vocab_size})")
-        if hi >= self.config.vocab_size:
-            raise ValueError(f"input_ids contains token id {hi}, but vocab_size is {self.config.vocab_size}")
+        self._check_token_ids(input_ids)
         if cache is not None and not use_cache:
             raise ValueError("past_key_values was given with use_cache=False; pass use_cache=True to extend a cache")
         if position_ids is not None:
-            self._check_explicit_layout(input_ids, attention_mask, position_ids)
+            self._check_explicit_layout(input_ids, attention_mask, position_ids, cache)
             return
         past = cache.seq_len if cache is not None else 0
         if past and cache.batch_size != input_ids.shape[0]:
@@ -332,12 +332,29 @@ class QWenLMHeadModel(GenerationMixin, nn.Module):
                     f"(it covers the cached tokens too), got {list(attention_mask.shape)}"
                 )
 
+    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        """Ids in [0, vocab_size): an error naming the bad id on CPU; on an accelerator a device-side
+        assert, so that the check does not wait for the device on every forward."""
+        vocab = self.config.vocab_size
+        if input_ids.device.type != "cpu":
+            torch._assert_async(((input_ids >= 0) & (input_ids < vocab)).all(), f"input_ids must be in [0, {vocab})")
+            return
+        lo, hi = (int(t) for t in torch.aminmax(input_ids))  # one pass
+        if lo < 0:
+            raise ValueError(f"input_ids contains the negative token id {lo}; ids must be in [0, {vocab})")
+        if hi >= vocab:
+            raise ValueError(f"input_ids contains token id {hi}, but vocab_size is {vocab}")
+
     @staticmethod
-    def _check_explicit_layout(input_ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor) -> None:
+    def _check_explicit_layout(
+        input_ids: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor, cache: KVCache | None
+    ) -> None:
         B, S = input_ids.shape
         if tuple(position_ids.shape) != (B, S) or position_ids.dtype.is_floating_point:
             raise ValueError(f"position_ids must be an integer tensor of input_ids' shape {[B, S]}, "
                              f"got {position_ids.dtype} {list(position_ids.shape)}")
+        if hasattr(cache, "attention"):
+            return  # that cache knows which keys each token sees: no mask
         if mask is None or mask.dim() != 4 or mask.dtype != torch.bool or mask.shape[2] != S or mask.shape[0] not in (1, B):
             got = "None" if mask is None else f"{mask.dtype} {list(mask.shape)}"
             raise ValueError(f"with position_ids, attention_mask must be a bool [B or 1, 1, S={S}, keys] mask "

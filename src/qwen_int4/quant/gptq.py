@@ -323,7 +323,8 @@ class GPTQLinear(nn.Module):
             kernel.release(self)
 
     def checkpoint_tensor(self, name: str) -> torch.Tensor:
-        """A checkpoint buffer, rebuilt by the kernel if it freed it (qweight, for tinygemm-cpu)."""
+        """A checkpoint buffer, rebuilt by the kernel if it freed it (qweight for tinygemm-cpu; qweight,
+        qzeros and scales for triton-gptq)."""
         tensor = getattr(self, name)
         if tensor is None and self.kernel is not None:
             tensor = self.kernel.checkpoint_tensors(self)[name]
@@ -331,8 +332,8 @@ class GPTQLinear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as [K, N] float (a temporary; not stored)."""
-        qweight = self.checkpoint_tensor("qweight")
-        return dequantize_gptq(qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
+        qweight, qzeros, scales = (self.checkpoint_tensor(n) for n in ("qweight", "qzeros", "scales"))
+        return dequantize_gptq(qweight, qzeros, scales, self.g_idx, self.bits, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:

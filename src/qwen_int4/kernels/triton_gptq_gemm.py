@@ -1,0 +1,188 @@
+"""Triton kernels for GPTQ weights and many rows of x: a tensor-core GEMM and a dequantizer.
+
+Layout: kernels/gptq_layout.py. Oracle: `dequantize_reference` there.
+
+* `_gemm_kernel` (batched decode, up to a few dozen rows): per unit (128 rows), the words of
+  BLOCK_N output rows are unpacked to a [BLOCK_N, 128] tile (a reshape and a permute put the
+  slots in row order, gptq_layout.py), scaled, and multiplied with the
+  matching [BLOCK_M, 128] tile of x by one tl.dot.
+* `_dequant_kernel` (prefill): W [N, k] in nn.Linear's layout (packed row order) for a range
+  of units, so cuBLAS computes x @ W^T; the launcher bounds the scratch by doing K in blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qwen_int4.kernels.gptq_layout import GPTQWeights
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install
+    triton = None
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Launch parameters of `_gemm_kernel`."""
+
+    block_m: int = 16
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1  # K slices; their float32 partials are summed in order (deterministic)
+    per_slot: bool = True  # one tl.dot per value slot (K = words per unit) instead of one per unit
+
+
+def default_gemm_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
+    """Heuristic launch parameters for x [m, K] (benchmarks/gptq_kernels.py measures others):
+    enough K slices for about two programs per multiprocessor."""
+    cfg = GemmConfig(16, 64, 4, 3) if m <= 16 else (GemmConfig(64, 64, 4, 3) if m <= 64 else GemmConfig(128, 128, 8, 3))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
+    split = max(1, min(k // 512, 2 * sms // tiles))
+    return GemmConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, split, cfg.per_slot)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _unit_tile(qweight_ptr, scales_ptr, zeros_ptr, cols, n_ok, u, K_WORDS, GROUPS,
+                   BITS: tl.constexpr, UNIT: tl.constexpr, UNITS_PER_GROUP: tl.constexpr):
+        """W[cols, unit u's UNIT packed rows] = s (q - z), exact in float32, [BN, UNIT]."""
+        P: tl.constexpr = 32 // BITS
+        WPU: tl.constexpr = UNIT // P
+        offs_w = tl.arange(0, WPU)
+        words = tl.load(qweight_ptr + cols[:, None] * K_WORDS + u * WPU + offs_w[None, :], mask=n_ok[:, None], other=0)
+        shifts = tl.arange(0, P) * BITS  # slot j at bits j * BITS
+        q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BN, P, WPU]: packed row j*WPU + w
+        g = u // UNITS_PER_GROUP
+        s = tl.load(scales_ptr + cols * GROUPS + g, mask=n_ok, other=0.0).to(tl.float32)
+        z = tl.load(zeros_ptr + cols * GROUPS + g, mask=n_ok, other=0).to(tl.float32) + (1.0 + 8388608.0)
+        # q - z without an int->float conversion (a quarter-rate instruction): the bits of q under
+        # the exponent of 2^23 read as the float 2^23 + q exactly
+        qf = (q | 0x4B000000).to(tl.float32, bitcast=True)
+        w = (qf - z[:, None, None]) * s[:, None, None]  # [BN, P, WPU], slot j = h * P/2 + p
+        w = tl.reshape(w, (cols.shape[0], 2, P // 2, WPU))  # [BN, h, p, w]
+        return tl.reshape(tl.permute(w, (0, 2, 3, 1)), (cols.shape[0], UNIT))  # row p * 2 WPU + 2 w + h
+
+    @triton.jit
+    def _unit_dots_per_slot(acc, x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, m_ok, cols, n_ok, u,
+                            K_WORDS, GROUPS, stride_xm, BITS: tl.constexpr, UNIT: tl.constexpr,
+                            UNITS_PER_GROUP: tl.constexpr, HAS_PERM: tl.constexpr):
+        """acc += x[:, unit u] @ W[cols, unit u]^T as one tl.dot per value slot: slot j of the unit's
+        words is W at rows p 2WPU + 2w + h (j = h P/2 + p), read from x with a stride of 2."""
+        P: tl.constexpr = 32 // BITS
+        WPU: tl.constexpr = UNIT // P
+        offs_w = tl.arange(0, WPU)
+        words = tl.load(qweight_ptr + cols[:, None] * K_WORDS + u * WPU + offs_w[None, :], mask=n_ok[:, None], other=0)
+        g = u // UNITS_PER_GROUP
+        s = tl.load(scales_ptr + cols * GROUPS + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        z = tl.load(zeros_ptr + cols * GROUPS + g, mask=n_ok, other=0).to(tl.float32)[:, None] + (1.0 + 8388608.0)
+        for j in tl.static_range(P):
+            k = u * UNIT + (j % (P // 2)) * 2 * WPU + 2 * offs_w + j // (P // 2)  # [WPU]
+            if HAS_PERM:
+                k = tl.load(perm_ptr + k)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)  # [BM, WPU]
+            q = (words >> (BITS * j)) & ((1 << BITS) - 1)
+            w = ((q | 0x4B000000).to(tl.float32, bitcast=True) - z) * s  # [BN, WPU], as in _unit_tile
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        return acc
+
+    @triton.jit
+    def _gemm_kernel(
+        x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, bias_ptr, out_ptr,
+        M, N, K_WORDS, UNITS, GROUPS, stride_xm, stride_om, units_per_split,
+        BITS: tl.constexpr, UNIT: tl.constexpr, UNITS_PER_GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+        PARTIAL: tl.constexpr, PER_SLOT: tl.constexpr,
+    ):
+        """out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for one [BLOCK_M, BLOCK_N] tile, over the units
+        of K slice program_id(2); PARTIAL: store float32 to out[slice] (the launcher adds the slices)."""
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = cols < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        u_lo = tl.program_id(2) * units_per_split
+        for u in tl.range(u_lo, tl.minimum(u_lo + units_per_split, UNITS)):
+            if PER_SLOT:
+                acc = _unit_dots_per_slot(acc, x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, m_ok,
+                                          cols, n_ok, u, K_WORDS, GROUPS, stride_xm,
+                                          BITS, UNIT, UNITS_PER_GROUP, HAS_PERM)
+            else:
+                k = u * UNIT + tl.arange(0, UNIT)
+                if HAS_PERM:
+                    k = tl.load(perm_ptr + k)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)
+                w = _unit_tile(qweight_ptr, scales_ptr, zeros_ptr, cols, n_ok, u, K_WORDS, GROUPS,
+                               BITS, UNIT, UNITS_PER_GROUP)
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)  # [BM, UNIT] x [UNIT, BN]
+        if HAS_BIAS and not PARTIAL:
+            acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + tl.program_id(2) * M * N + offs_m[:, None] * stride_om + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _dequant_kernel(
+        qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, K_WORDS, GROUPS, u_lo, stride_on,
+        BITS: tl.constexpr, UNIT: tl.constexpr, UNITS_PER_GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """out[n, UNIT i + r] = W[n, packed row UNIT (u_lo + i) + r] for program (n block, i)."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = cols < N
+        i = tl.program_id(1)
+        w = _unit_tile(qweight_ptr, scales_ptr, zeros_ptr, cols, n_ok, u_lo + i, K_WORDS, GROUPS, BITS, UNIT, UNITS_PER_GROUP)
+        offs_k = i * UNIT + tl.arange(0, UNIT)
+        out = out_ptr + cols[:, None] * stride_on + offs_k[None, :]
+        tl.store(out, w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+
+
+def _stand_in(t: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
+    """Triton needs a tensor for every pointer argument; flags say when it is not read."""
+    return t if t is not None else other
+
+
+def gptq_gemm(x: torch.Tensor, w: GPTQWeights, config: GemmConfig | None = None) -> torch.Tensor:
+    """x [M, K] (fp16/bf16) -> x @ W^T + bias [M, N] in x's dtype, on tensor cores."""
+    m, k = x.shape
+    n = w.out_features
+    if k != w.in_features:
+        raise ValueError(f"x has {k} features but the GPTQ weight expects {w.in_features}")
+    cfg = config or default_gemm_config(m, n, k, x.device)
+    units = k // w.unit
+    per_split = -(-units // cfg.split_k)
+    splits = -(-units // per_split)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device) if splits == 1 else \
+        torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), splits)
+    _gemm_kernel[grid](
+        x, w.qweight, w.scales, w.zeros, _stand_in(w.perm, w.scales), _stand_in(w.bias, w.scales), out,
+        m, n, w.qweight.shape[1], units, w.scales.shape[1], x.stride(0), n, per_split,
+        BITS=w.bits, UNIT=w.unit, UNITS_PER_GROUP=w.group_size // w.unit, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_PERM=w.perm is not None, HAS_BIAS=w.bias is not None, PARTIAL=splits > 1, PER_SLOT=cfg.per_slot,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if splits == 1:
+        return out
+    y = out.sum(0)  # [M, N] float32, slices added in a fixed order
+    if w.bias is not None:
+        y += w.bias.float()
+    return y.to(x.dtype)
+
+
+def gptq_dequantize(w: GPTQWeights, dtype: torch.dtype = torch.float16, units: slice | None = None) -> torch.Tensor:
+    """W [N, k] in `dtype` for the units (w.unit input rows each) `units` (default: all), in PACKED
+    row order (act-order: column r is input row perm[r]); nn.Linear's layout, so x[:, perm] @ W^T."""
+    count = w.in_features // w.unit
+    lo, hi, _ = (units or slice(0, count)).indices(count)
+    n = w.out_features
+    out = torch.empty(n, (hi - lo) * w.unit, dtype=dtype, device=w.qweight.device)
+    block_n = 32
+    _dequant_kernel[(triton.cdiv(n, block_n), hi - lo)](
+        w.qweight, w.scales, w.zeros, out, n, w.qweight.shape[1], w.scales.shape[1], lo, out.stride(0),
+        BITS=w.bits, UNIT=w.unit, UNITS_PER_GROUP=w.group_size // w.unit, BLOCK_N=block_n, num_warps=4,
+    )
+    return out

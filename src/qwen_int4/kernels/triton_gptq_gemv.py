@@ -1,0 +1,247 @@
+"""Triton GEMV for GPTQ int4/int8 weights: one row of x (batch-1 decode), memory-bound.
+
+Layout: kernels/gptq_layout.py (words [N, K / P]; the two values of slot pair p sit 16 bits
+apart and multiply two adjacent values of x). Oracle: `dequantize_reference` there.
+
+A program owns BLOCK_N output rows and walks K BLOCK_U units (128 input rows, or a smaller
+group) at a time; the weights and x come in 16-byte loads in the same register layout (no
+shared-memory round trip), and many programs per SM keep enough bytes in flight to stream at
+HBM speed (no split-K, no atomics, deterministic). x is read as 32-bit pairs, so act-order
+models permute x once before the launch.
+
+Two ways to multiply a word (8 int4 or 4 int8 values) with its x:
+* half2 (fp16 activations on CUDA): per pair, one shift and one LOP3 put both values under the
+  exponent of 1024 (fp16 1024 + q, exact), then packed-half instructions: subtract 1024 + z
+  (exact), times the scale (rounded once, as a dequantized fp16 weight), and a half2 FMA with
+  the x pair; the word's sum goes to float32. ~3 instructions per weight, which is what lets
+  int4 stream at memory speed (inline PTX; AutoGPTQ's exllama kernels also sum in half2).
+* float32 (bf16 activations, and the CPU interpreter): each value goes to the top of a float's
+  mantissa under the exponent of 1.0 (f = 1 + q / 2^bits, exact), f - (1 + z / 2^bits) =
+  (q - z) / 2^bits exactly, times x in float32; the scale once per word.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from qwen_int4.kernels.gptq_layout import UNIT, GPTQWeights
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install
+    triton = None
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of `_gemv_kernel`."""
+
+    block_n: int = 8  # output rows per program
+    block_u: int = 4  # 128-row units of K per step
+    num_warps: int = 4
+    num_stages: int = 1
+    half2: bool = True  # packed-fp16 arithmetic for fp16 x on CUDA (else float32)
+
+
+def default_gemv_config(n: int, k: int, bits: int, device: torch.device) -> GemvConfig:
+    """Launch parameters measured best on an H200 (benchmarks/gptq_kernels.py --sweep): for
+    4 bits, 2 rows x 16 units per program with 2 warps at every Qwen-7B shape (within 2% of each
+    shape's best); for 8 bits, ~8 programs per multiprocessor of 8 units each."""
+    if bits == 4:
+        return GemvConfig(block_n=2, block_u=16, num_warps=2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    block_u = min(8, max(1, k // UNIT))
+    block_n = 16
+    while block_n > 2 and n // block_n < 8 * sms:
+        block_n //= 2
+    return GemvConfig(block_n=block_n, block_u=block_u)
+
+
+_ASM_INT4 = """{
+.reg .b32 q0, q1, q2, q3, t, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+lop3.b32 q0, $1, 0x000F000F, 0x64006400, 0xEA;
+shr.u32 t, $1, 4;
+lop3.b32 q1, t, 0x000F000F, 0x64006400, 0xEA;
+shr.u32 t, $1, 8;
+lop3.b32 q2, t, 0x000F000F, 0x64006400, 0xEA;
+shr.u32 t, $1, 12;
+lop3.b32 q3, t, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 q0, q0, $6;
+sub.f16x2 q1, q1, $6;
+sub.f16x2 q2, q2, $6;
+sub.f16x2 q3, q3, $6;
+mul.f16x2 q0, q0, $7;
+mul.f16x2 q1, q1, $7;
+mul.f16x2 q2, q2, $7;
+mul.f16x2 q3, q3, $7;
+mul.f16x2 acc, q0, $2;
+fma.rn.f16x2 acc, q1, $3, acc;
+fma.rn.f16x2 acc, q2, $4, acc;
+fma.rn.f16x2 acc, q3, $5, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}"""  # $0 = sum_j w_j x_j of word $1 (4 pairs) with x pairs $2..$5, half2 (1024 + z) $6, scale $7
+
+_ASM_INT8 = """{
+.reg .b32 q0, q1, t, acc;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+lop3.b32 q0, $1, 0x00FF00FF, 0x64006400, 0xEA;
+shr.u32 t, $1, 8;
+lop3.b32 q1, t, 0x00FF00FF, 0x64006400, 0xEA;
+sub.f16x2 q0, q0, $4;
+sub.f16x2 q1, q1, $4;
+mul.f16x2 q0, q0, $5;
+mul.f16x2 q1, q1, $5;
+mul.f16x2 acc, q0, $2;
+fma.rn.f16x2 acc, q1, $3, acc;
+mov.b32 {lo, hi}, acc;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}"""  # the same for 2 pairs of bytes: x pairs $2, $3, (1024 + z) $4, scale $5
+
+
+if triton is not None:
+    _ASM_INT4_C = tl.constexpr(_ASM_INT4)
+    _ASM_INT8_C = tl.constexpr(_ASM_INT8)
+
+    @triton.jit
+    def _as_unit_float(words, J: tl.constexpr, BITS: tl.constexpr):
+        """Slot J of uint32 words as the float 1 + q / 2^BITS (q moved to the mantissa's top bits)."""
+        TOP: tl.constexpr = 23 - BITS  # q goes to bits TOP .. 22
+        SHIFT: tl.constexpr = TOP - J * BITS
+        if SHIFT > 0:
+            r = words << SHIFT
+        elif SHIFT < 0:
+            r = words >> (-SHIFT)
+        else:
+            r = words
+        return ((r & (((1 << BITS) - 1) << TOP)) | 0x3F800000).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _half(pairs, HIGH: tl.constexpr, X_BF16: tl.constexpr):
+        """The low or high 16-bit half of int32 x pairs as float32."""
+        bits = (pairs >> 16) if HIGH else pairs
+        if X_BF16:
+            return bits.to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
+        return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+    @triton.jit
+    def _half2_bits(v):
+        """float32 v -> int32 holding fp16(v) in both halves."""
+        h = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return h | (h << 16)
+
+    @triton.jit
+    def _word_dot_float(words, xp_ptr, c, s, BITS: tl.constexpr, WPU: tl.constexpr, X_BF16: tl.constexpr):
+        """sum over each word's values of x s (q - z) in float32, [BN, BU, WPU] (any x dtype)."""
+        H: tl.constexpr = 16 // BITS  # pairs per word
+        ONE: tl.constexpr = 1 << BITS
+        for p in tl.static_range(H):
+            xp = tl.load(xp_ptr + p * WPU)
+            lo = (_as_unit_float(words, p, BITS) - c) * _half(xp, False, X_BF16)
+            hi = (_as_unit_float(words, H + p, BITS) - c) * _half(xp, True, X_BF16)
+            if p == 0:
+                part = lo + hi
+            else:
+                part += lo + hi
+        return part * (s * ONE)
+
+    @triton.jit
+    def _word_dot_half2(words, xp_ptr, z, s, BITS: tl.constexpr, WPU: tl.constexpr):
+        """The same in packed fp16 through inline PTX (fp16 x on CUDA)."""
+        zz = _half2_bits(z + 1024.0)
+        ss = _half2_bits(s)
+        if BITS == 4:
+            return tl.inline_asm_elementwise(
+                _ASM_INT4_C, "=f,r,r,r,r,r,r,r",
+                [words, tl.load(xp_ptr), tl.load(xp_ptr + WPU), tl.load(xp_ptr + 2 * WPU), tl.load(xp_ptr + 3 * WPU),
+                 zz, ss],
+                dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise(
+            _ASM_INT8_C, "=f,r,r,r,r,r", [words, tl.load(xp_ptr), tl.load(xp_ptr + WPU), zz, ss],
+            dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, gate_ptr, out_ptr,
+        N, K_WORDS, UNITS, GROUPS,
+        BITS: tl.constexpr, UNIT: tl.constexpr, UNITS_PER_GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_U: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HALF2: tl.constexpr,
+        X_BF16: tl.constexpr,
+    ):
+        """out[n] = sum_k x[k] W[n, k] (+ bias[n]) for this program's BLOCK_N rows, or with HAS_GATE
+        gate[n] * silu(that) rounded as the model's w1(x) * F.silu(w2(x)); x_ptr: x as int32 pairs."""
+        P: tl.constexpr = 32 // BITS  # values per word
+        WPU: tl.constexpr = UNIT // P  # words per unit
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        r_ok = rows < N
+        offs_w = tl.arange(0, WPU)
+        acc = tl.zeros((BLOCK_N, BLOCK_U, WPU), dtype=tl.float32)
+        for u0 in tl.range(0, UNITS, BLOCK_U):
+            u = u0 + tl.arange(0, BLOCK_U)  # [BU]
+            u_ok = u < UNITS
+            w_ptr = qweight_ptr + rows[:, None, None] * K_WORDS + (u * WPU)[None, :, None] + offs_w[None, None, :]
+            words = tl.load(w_ptr, mask=r_ok[:, None, None] & u_ok[None, :, None], other=0)  # [BN, BU, WPU]
+            g = u // UNITS_PER_GROUP
+            sz_ptr = rows[:, None] * GROUPS + g[None, :]  # [BN, BU]
+            sz_ok = r_ok[:, None] & u_ok[None, :]
+            s = tl.load(scales_ptr + sz_ptr, mask=sz_ok, other=0.0).to(tl.float32)[:, :, None]
+            z = tl.load(zeros_ptr + sz_ptr, mask=sz_ok, other=0).to(tl.float32)[:, :, None] + 1.0
+            # x pair p of word w is int32 element unit * UNIT/2 + p * WPU + w; read in the words'
+            # own shape [BN, BU, WPU] (rows re-read it from L1), 4 per thread like the words: the
+            # same register layout, so x needs no shared-memory round trip
+            u_in = tl.where(u_ok, u, 0)  # units past the end read unit 0 (their weights are 0)
+            xi = (u_in * (UNIT // 2))[None, :, None] + offs_w[None, None, :] + 0 * rows[:, None, None]
+            xp_ptr = x_ptr + tl.max_contiguous(tl.multiple_of(xi, [1, 1, 4]), [1, 1, 4])
+            if HALF2:
+                acc += _word_dot_half2(words, xp_ptr, z, s.to(tl.float16).to(tl.float32), BITS, WPU)
+            else:
+                acc += _word_dot_float(words.to(tl.uint32, bitcast=True), xp_ptr, 1.0 + z / (1 << BITS), s,
+                                       BITS, WPU, X_BF16)
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)  # [BN]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=r_ok, other=0.0).to(tl.float32)
+        y = y.to(out_ptr.dtype.element_ty)
+        if HAS_GATE:
+            b = y.to(tl.float32)
+            silu = (b / (1.0 + tl.exp(-b))).to(y.dtype)  # F.silu in fp32, rounded like the model's
+            y = tl.load(gate_ptr + rows, mask=r_ok, other=0.0) * silu
+        tl.store(out_ptr + rows, y, mask=r_ok)
+
+
+def _use_half2(x: torch.Tensor, config: GemvConfig) -> bool:
+    return config.half2 and x.dtype == torch.float16 and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def gptq_gemv(x: torch.Tensor, w: GPTQWeights, config: GemvConfig | None = None,
+              gate: torch.Tensor | None = None) -> torch.Tensor:
+    """x [1, K] (fp16/bf16) -> x @ W^T + bias [1, N] in x's dtype; with gate [1, N] (same dtype):
+    gate * silu(x @ W^T + bias), the SwiGLU of Qwen's MLP fused into the epilogue."""
+    n, k = w.out_features, w.in_features
+    if x.shape != (1, k):
+        raise ValueError(f"gptq_gemv takes x of shape [1, {k}], got {list(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"gptq_gemv computes on float16/bfloat16 x, got {x.dtype}")
+    if gate is not None and (gate.shape != (1, n) or gate.dtype != x.dtype):
+        raise ValueError(f"gate must be [1, {n}] of {x.dtype}, got {list(gate.shape)} of {gate.dtype}")
+    cfg = config or default_gemv_config(n, k, w.bits, x.device)
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    x = x.index_select(1, w.perm) if w.perm is not None else x.contiguous()  # packed row order
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x.view(torch.int32), w.qweight, w.scales, w.zeros, w.bias if w.bias is not None else w.scales,
+        gate.contiguous() if gate is not None else out, out,
+        n, w.qweight.shape[1], k // w.unit, w.scales.shape[1],
+        BITS=w.bits, UNIT=w.unit, UNITS_PER_GROUP=w.group_size // w.unit, BLOCK_N=cfg.block_n, BLOCK_U=cfg.block_u,
+        HAS_BIAS=w.bias is not None, HAS_GATE=gate is not None, HALF2=_use_half2(x, cfg), X_BF16=x.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

@@ -1,0 +1,258 @@
+"""Attention over the serving engine's paged KV pool (engine/paged_cache.py), each beside its reference.
+
+Pool layout, per layer: keys and values [num_blocks, block_size, H, D]; the token at position p
+of a sequence lives in block `block_table[p // block_size]` at offset `p % block_size` (its flat
+slot is block * block_size + offset). The plain-PyTorch references are the CPU path and the
+kernels' test oracles.
+
+* `paged_decode_attention`: one query per sequence over its context positions [0, len): split-KV
+  ("flash decoding") partials that read K/V through the block table, merged by triton_decode's
+  combine kernel (skipped with one split).
+* `rope_write_paged`: RoPE on q and k of fused qkv rows (each row with its own cos/sin row),
+  LogN on q, and k, v stored at each row's slot: the decode step's glue in one kernel.
+* `varlen_attention`: causal attention of packed prefill chunks over their gathered contexts,
+  queries aligned to the end of their context (a chunk continues a cached prefix): FlashAttention's
+  varlen kernel on CUDA, SDPA per sequence otherwise.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..model.rope import apply_rotary
+
+try:
+    import triton
+    import triton.language as tl
+
+    from .triton_decode import _attention_combine_kernel
+except ImportError:  # the references below still work
+    triton = None
+
+# ----------------------------------------------------------------------------- references
+
+
+def paged_decode_attention_reference(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+) -> torch.Tensor:
+    """q [B, H, D] over each sequence's first context_lens[b] pooled positions -> [B, H, D] in q's dtype.
+
+    k_pool, v_pool [num_blocks, block_size, H, D]; block_tables [B, max_blocks] int; context_lens [B] int.
+    """
+    _, H, D = q.shape
+    block_size = k_pool.shape[1]
+    out = torch.empty_like(q)
+    for b, n in enumerate(context_lens.tolist()):
+        blocks = block_tables[b, : -(-n // block_size)].long()
+        k = k_pool[blocks].reshape(-1, H, D)[:n].transpose(0, 1).float()  # [H, n, D]
+        v = v_pool[blocks].reshape(-1, H, D)[:n].transpose(0, 1).float()  # [H, n, D]
+        o = F.scaled_dot_product_attention(q[b, :, None].float(), k, v, scale=1.0 / math.sqrt(D))  # [H, 1, D]
+        out[b] = o[:, 0].to(q.dtype)
+    return out
+
+
+def rope_write_paged_reference(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None, slots: torch.Tensor,
+    k_pool: torch.Tensor, v_pool: torch.Tensor, num_heads: int,
+) -> torch.Tensor:
+    """qkv [N, 3 * H * D] -> rotated (and LogN-scaled) q [N, H, D]; rotated k and v stored at `slots` [N].
+
+    cos, sin [N, D] float32 (each row at its token's position); logn [N] float32 or None.
+    """
+    N = qkv.shape[0]
+    q, k, v = qkv.view(N, 3, num_heads, -1).unbind(1)  # each [N, H, D]
+    q = apply_rotary(q[None], cos[None, :, None], sin[None, :, None])[0]  # [N, H, D]
+    k = apply_rotary(k[None], cos[None, :, None], sin[None, :, None])[0]
+    if logn is not None:
+        q = q * logn[:, None, None].type_as(q)
+    D = q.shape[-1]
+    k_pool.view(-1, num_heads, D).index_copy_(0, slots.long(), k)
+    v_pool.view(-1, num_heads, D).index_copy_(0, slots.long(), v)
+    return q
+
+
+def varlen_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int], cu_k: list[int]
+) -> torch.Tensor:
+    """Packed q [N, H, D] of n sequences over their packed contexts k, v [T, H, D] -> [N, H, D].
+
+    Sequence i has queries cu_q[i]:cu_q[i+1] and keys cu_k[i]:cu_k[i+1]; its queries are its last
+    positions, so query j sees keys 0 .. (len_k - len_q + j) ("bottom-right" causal).
+    """
+    out = torch.empty_like(q)
+    for i in range(len(cu_q) - 1):
+        qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        n_q, n_k = qs.stop - qs.start, ks.stop - ks.start
+        allowed = torch.arange(n_k, device=q.device)[None, :] <= torch.arange(n_k - n_q, n_k, device=q.device)[:, None]
+        o = F.scaled_dot_product_attention(
+            q[qs].transpose(0, 1), k[ks].transpose(0, 1), v[ks].transpose(0, 1),  # [H, n, D]
+            attn_mask=allowed, scale=1.0 / math.sqrt(q.shape[-1]),
+        )  # [H, n_q, D]
+        out[qs] = o.transpose(0, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_decode_partial_kernel(
+        q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_ptr, out_ptr,
+        H, stride_table, stride_block, stride_tok, sm_scale,
+        SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    ):
+        """Online softmax of one (sequence, head) over its share of positions [0, len): (acc [D], m, l)."""
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        length = tl.load(lens_ptr + b)
+        per = tl.cdiv(tl.cdiv(length, SPLITS), TILE) * TILE
+        lo = split * per
+        hi = tl.minimum(lo + per, length)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + bh * D + d).to(tl.float32) * sm_scale
+        m = tl.max(tl.full((TILE,), float("-inf"), tl.float32), axis=0)
+        l = tl.sum(tl.zeros((TILE,), tl.float32), axis=0)
+        acc = tl.zeros((D,), tl.float32)
+        for s0 in tl.range(lo, hi, TILE):
+            s = s0 + tl.arange(0, TILE)
+            ok = s < hi
+            block = tl.load(table_ptr + b * stride_table + s // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+            row = block * stride_block + (s % BLOCK_SIZE) * stride_tok + h * D  # [TILE]
+            offs = row[:, None] + d[None, :]  # [TILE, D]
+            k = tl.load(k_ptr + offs, mask=ok[:, None], other=0).to(tl.float32)
+            v = tl.load(v_ptr + offs, mask=ok[:, None], other=0).to(tl.float32)
+            scores = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))  # [TILE]
+            m_new = tl.maximum(m, tl.max(scores, axis=0))
+            p = tl.exp(scores - m_new)
+            alpha = tl.exp(m - m_new)
+            l = l * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m = m_new
+        if SPLITS == 1:  # the whole context: normalise and write the output directly
+            tl.store(out_ptr + bh * D + d, (acc / l).to(out_ptr.dtype.element_ty))
+        else:
+            part = part_ptr + (bh * SPLITS + split) * (D + 2)
+            tl.store(part + d, acc)
+            tl.store(part + D, m)
+            tl.store(part + D + 1, l)
+
+    @triton.jit
+    def _rope_write_paged_kernel(
+        qkv_ptr, cos_ptr, sin_ptr, logn_ptr, slot_ptr, q_out_ptr, k_ptr, v_ptr,
+        H, stride_qkv, D: tl.constexpr, HAS_LOGN: tl.constexpr,
+    ):
+        """One (row n, head h): rotate q and k with row n's cos/sin (fp32, as apply_rotary); store k, v at its slot."""
+        n = tl.program_id(0) // H
+        h = tl.program_id(0) % H
+        HALF: tl.constexpr = D // 2
+        d = tl.arange(0, HALF)
+        hidden = H * D
+        row = qkv_ptr + n * stride_qkv + h * D
+        c1 = tl.load(cos_ptr + n * D + d)
+        c2 = tl.load(cos_ptr + n * D + HALF + d)
+        s1 = tl.load(sin_ptr + n * D + d)
+        s2 = tl.load(sin_ptr + n * D + HALF + d)
+        q1 = tl.load(row + d).to(tl.float32)
+        q2 = tl.load(row + HALF + d).to(tl.float32)
+        k1 = tl.load(row + hidden + d).to(tl.float32)
+        k2 = tl.load(row + hidden + HALF + d).to(tl.float32)
+        v1 = tl.load(row + 2 * hidden + d)
+        v2 = tl.load(row + 2 * hidden + HALF + d)
+        dtype = v1.dtype
+        # x' = x cos + rotate_half(x) sin, rotate_half([x1, x2]) = [-x2, x1]; cast as the model does
+        qo1 = (q1 * c1 - q2 * s1).to(dtype)
+        qo2 = (q2 * c2 + q1 * s2).to(dtype)
+        if HAS_LOGN:
+            scale = tl.load(logn_ptr + n).to(dtype)
+            qo1 = qo1 * scale
+            qo2 = qo2 * scale
+        out = q_out_ptr + (n * H + h) * D
+        tl.store(out + d, qo1)
+        tl.store(out + HALF + d, qo2)
+        slot = tl.load(slot_ptr + n).to(tl.int64)
+        dst = slot * hidden + h * D
+        tl.store(k_ptr + dst + d, (k1 * c1 - k2 * s1).to(dtype))
+        tl.store(k_ptr + dst + HALF + d, (k2 * c2 + k1 * s2).to(dtype))
+        tl.store(v_ptr + dst + d, v1)
+        tl.store(v_ptr + dst + HALF + d, v2)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def decode_launch_config(splits: int) -> tuple[int, int]:
+    """(positions per loop iteration, warps per program) of the decode kernel.
+
+    Measured on an H100, 32 layers of 32 heads x 128 (benchmarks/serving_gpu.py --tune-attention):
+    one split (many sequences) wants small tiles and many resident programs: tile 16 / 2 warps
+    ran 256 x 193 positions at 2.8 TB/s and 64 x 2101 at 3.0 TB/s (tile 64 / 4 warps: 2.1-2.2);
+    with splits (few sequences) tile 64 / 4 warps was fastest (8 x 2101: 2.5 TB/s, tile 16: 1.3).
+    """
+    return (16, 2) if splits == 1 else (64, 4)
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, splits: int = 1, tile: int | None = None, num_warps: int | None = None,
+) -> torch.Tensor:
+    """q [B, H, D] over each sequence's first context_lens[b] pooled positions -> [B, H, D].
+
+    block_tables [B, max_blocks] int32 and context_lens [B] int32 on q's device; `splits` programs
+    share one (sequence, head) (a power of two; more for few long sequences).
+    """
+    if splits < 1 or splits & (splits - 1):
+        raise ValueError(f"splits must be a power of two, got {splits}")
+    default_tile, default_warps = decode_launch_config(splits)
+    tile, num_warps = tile or default_tile, num_warps or default_warps
+    B, H, D = q.shape
+    out = torch.empty_like(q)
+    part = torch.empty(B * H, splits, D + 2, dtype=torch.float32, device=q.device) if splits > 1 else out
+    _paged_decode_partial_kernel[(B * H, splits)](
+        q, k_pool, v_pool, block_tables, context_lens, part, out,
+        H, block_tables.stride(0), k_pool.stride(0), k_pool.stride(1), 1.0 / math.sqrt(D),
+        SPLITS=splits, D=D, BLOCK_SIZE=k_pool.shape[1], TILE=tile, num_warps=num_warps,
+    )
+    if splits > 1:
+        _attention_combine_kernel[(B * H,)](part, out, SPLITS=splits, D=D, num_warps=4)
+    return out
+
+
+def rope_write_paged(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None, slots: torch.Tensor,
+    k_pool: torch.Tensor, v_pool: torch.Tensor, num_heads: int,
+) -> torch.Tensor:
+    """qkv [N, 3 * H * D] -> rotated q [N, H, D]; k, v stored in the pools at `slots` [N] (int32 or int64)."""
+    N = qkv.shape[0]
+    D = k_pool.shape[-1]
+    q = torch.empty(N, num_heads, D, dtype=qkv.dtype, device=qkv.device)
+    _rope_write_paged_kernel[(N * num_heads,)](
+        qkv, cos, sin, logn if logn is not None else cos, slots, q, k_pool, v_pool,
+        num_heads, qkv.stride(0), D=D, HAS_LOGN=logn is not None, num_warps=1,
+    )
+    return q
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: list[int], cu_k: list[int],
+    cu_q_dev: torch.Tensor | None = None, cu_k_dev: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed chunks (see the reference) by FlashAttention's varlen kernel (CUDA, fp16/bf16).
+
+    cu_q_dev, cu_k_dev: the same offsets as int32 tensors on q's device (built once per step).
+    """
+    max_q = max(b - a for a, b in itertools.pairwise(cu_q))
+    max_k = max(b - a for a, b in itertools.pairwise(cu_k))
+    if cu_q_dev is None:
+        cu_q_dev = torch.tensor(cu_q, dtype=torch.int32, device=q.device)
+    if cu_k_dev is None:
+        cu_k_dev = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q_dev, cu_k_dev, max_q, max_k, 0.0, True, False, scale=1.0 / math.sqrt(q.shape[-1]))[0]
+    return out  # [N, H, D]; FlashAttention aligns causal queries to the end of their keys
+
