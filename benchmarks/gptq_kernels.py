@@ -99,9 +99,11 @@ def sweep_gemv(bits: int, bandwidth: float) -> list[GemvConfig]:
 
 
 def gemm_candidates(m: int) -> list[GemmConfig | None]:
-    bms = (16,) if m <= 16 else ((32, 64) if m <= 64 else (64, 128))
-    return [None] + [GemmConfig(bm, bn, 4 if bm < 128 else 8, 3, split, per_slot)
-                     for bm, bn, split, per_slot in itertools.product(bms, (64, 128), (1, 2, 4), (True, False))]
+    if m <= 16:
+        return [None] + [GemmConfig(16, bn, 4, 3, split, True) for bn, split in itertools.product((64, 128), (4, 8, 16))]
+    return [None] + [GemmConfig(bm, bn, 8 if bm * bn >= 128 * 128 else 4, 3, split, False)
+                     for bm, bn, split in itertools.product((64, 128, 256), (64, 128), (2, 4, 8))
+                     if bm <= max(64, m) and bm * bn <= 256 * 64]
 
 
 def bench_shape(name: str, k: int, n: int, bits: int, rows: list[int], gemv_cfgs: list, sweep: bool,

@@ -21,3 +21,9 @@ def random_tiny_model(config: QwenConfig, seed: int = 0, norm_std: float = 0.0) 
             else:
                 p.mul_(5.0)  # larger than the training init: sharper attention, more distinct logits
     return model.eval()
+
+
+def random_prompts(lengths, seed: int, vocab: int = 151000) -> list[list[int]]:
+    """One random prompt (token id list) per length, reproducible from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]

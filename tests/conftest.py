@@ -29,3 +29,11 @@ def tiny_int4_dir(tmp_path_factory):
 
     return make_test_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-int4", layers=2, hidden=64, heads=4,
                                 bits=4, group_size=32, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_model(tiny_int4_dir):
+    """The tiny Int4 checkpoint loaded on the CPU in float32 (shared: tests must not modify it)."""
+    from qwen_int4.loader import load_model
+
+    return load_model(tiny_int4_dir, torch_dtype="float32", progress=False)

@@ -23,9 +23,9 @@ def _decode(n: int, tok_s: float, timed: int | None = None) -> dict:
 def test_tables_have_a_row_per_precision_the_peer_and_failures(capsys):
     runs = [
         {"precision": "int4", "kv_dtype": "fp16", "kernel": "triton-gptq, CUDA graph", "encode_peak_GB": 6.5,
-         "decode": [_decode(16, 200.0), _decode(32, 190.0)]},
+         "decode": [_decode(16, 200.0), _decode(32, 190.0)], "ttft_ms": 75.0},
         {"precision": "bf16", "kv_dtype": "bf16", "kernel": "cuBLAS, CUDA graph", "encode_peak_GB": 16.25,
-         "decode": [_decode(16, 150.0), _decode(32, 140.0)]},
+         "decode": [_decode(16, 150.0), _decode(32, 140.0)], "ttft_ms": 60.0},
         {"precision": "int8", "kv_dtype": "fp16", "kernel": "torch-dequant, eager step", "encode_peak_GB": 9.0,
          "decode": [_decode(16, 20.0, timed=8), _decode(32, 19.0, timed=8)]},
         {"precision": bench.PEER, "kv_dtype": "bf16", "kernel": "transformers generate(), static cache, eager",
@@ -43,6 +43,7 @@ def test_tables_have_a_row_per_precision_the_peer_and_failures(capsys):
     assert "| int4 | int8 | RuntimeError: boom | RuntimeError: boom |" in out
     assert "| bf16 | bf16 | 16.250 | 7.032 |" in out  # memory: encode peak, then the longest run's peak
     assert f"| {bench.PEER} | bf16 | 32 | 25.316 | 5.000 | 198 | 400 | 10% |" in out  # roofline detail
+    assert "| int4 | 75.0 | 1.25x |" in out and "| bf16 | 60.0 | 1.00x |" in out  # time to first token
     assert "not supported" not in out
 
 

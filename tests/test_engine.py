@@ -2,6 +2,7 @@
 per-sequence NTK, sampling options and stop handling, each against the model's own generate()."""
 import pytest
 import torch
+from _models import random_prompts
 
 from qwen_int4.config import GenerationConfig, QwenConfig
 from qwen_int4.engine import EngineConfig, LLMEngine, SamplingParams
@@ -14,16 +15,13 @@ LENGTHS = (3, 17, 33, 40, 5, 9)
 
 
 @pytest.fixture(scope="module")
-def model(tiny_int4_dir):
-    from qwen_int4.loader import load_model
-
-    return load_model(tiny_int4_dir, torch_dtype="float32", progress=False)
+def model(tiny_int4_model):
+    return tiny_int4_model
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, 151000, (n,), generator=g).tolist() for n in LENGTHS]
+    return random_prompts(LENGTHS, seed=0)
 
 
 def generate_greedy(model, prompt, n):

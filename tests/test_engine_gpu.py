@@ -72,8 +72,8 @@ def run_recorded(model, tokenizer, prompts, graphs: bool, **config):
     graph_steps = []
     execute = engine.runner.execute
 
-    def spy(scheduled):
-        logits, seqs = execute(scheduled)
+    def spy(scheduled, pending=None):
+        logits, seqs = execute(scheduled, pending)
         for row, seq in zip(logits, seqs):
             recorded.setdefault(seq.request.request_id, []).append(row.clone())
         return logits, seqs
@@ -90,7 +90,7 @@ def run_recorded(model, tokenizer, prompts, graphs: bool, **config):
 def check_against_reference(model, prompts, outs, recorded) -> None:
     for prompt, out in zip(prompts, outs):
         tokens = out.outputs[0].token_ids
-        got = torch.stack(recorded[out.request_id])  # [10, V]
+        got = torch.stack(recorded[out.request_id][: len(tokens)])  # [10, V] (a chained step past a stop: dropped)
         ref = reference_logits(model, prompt, tokens)
         rel = float((got - ref).norm() / ref.norm())
         assert rel < 2e-2, (len(prompt), rel)
@@ -108,11 +108,13 @@ def _prompts(lengths, seed=0):
 
 
 @pytest.mark.gpu
-def test_graph_decode_and_flash_prefill_equal_the_model(model, tokenizer):
+@pytest.mark.parametrize("chained", [False, True])
+def test_graph_decode_and_flash_prefill_equal_the_model(model, tokenizer, chained):
     prompts = _prompts((3, 11, 16, 7, 1, 9))
     prompts.append(list(prompts[2]))  # a prefix-cache hit: its first chunk continues cached blocks
     engine, outs, recorded, graph_steps = run_recorded(model, tokenizer, prompts, True, num_blocks=64, block_size=4,
-                                                       max_num_batched_tokens=13, max_num_seqs=8)
+                                                       max_num_batched_tokens=13, max_num_seqs=8,
+                                                       async_decode=chained)
     assert graph_steps and any(n not in engine.runner.graphs.buckets for n in graph_steps)  # padded buckets ran
     check_against_reference(model, prompts, outs, recorded)
 
@@ -121,8 +123,40 @@ def test_graph_decode_and_flash_prefill_equal_the_model(model, tokenizer):
 def test_eager_gpu_path_with_ntk_and_logn_equals_the_model(model, tokenizer):
     prompts = _prompts((3, 17, 40, 5, 33), seed=1)  # seq_length 16: alphas 1, 3, 7; LogN past 16
     _, outs, recorded, _ = run_recorded(model, tokenizer, prompts, False, num_blocks=64, block_size=4,
-                                        max_num_batched_tokens=24)
+                                        max_num_batched_tokens=24)  # chained steps through the model's forward
     check_against_reference(model, prompts, outs, recorded)
+
+
+@pytest.mark.gpu
+def test_chained_steps_never_wait_for_the_device(model, tokenizer):
+    # the chained launch (sample on the device, stage and replay the next step) must not sync: under
+    # sync debug mode "error" any blocking copy, .item() or stream sync there raises
+    params = [SamplingParams(max_tokens=12, temperature=0.0),
+              SamplingParams(max_tokens=12, temperature=0.9, top_p=0.8, top_k=20, seed=3, n=2),
+              SamplingParams(max_tokens=12, temperature=0.7, logprobs=2, repetition_penalty=1.2,
+                             presence_penalty=0.3, frequency_penalty=0.2, seed=5)]  # seeded: runs comparable
+    prompts = _prompts((5, 9, 3), seed=2)
+    results = {}
+    for chained in (False, True):
+        engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=64, block_size=4, max_num_seqs=8,
+                                                          async_decode=chained))
+        collect, strict_steps = engine._collect, []
+
+        def strict(ahead=None, collect=collect, strict_steps=strict_steps):
+            if ahead is None:
+                return collect(ahead)
+            strict_steps.append(len(ahead.scheduled))
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return collect(ahead)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        engine._collect = strict
+        outs = engine.generate(prompts, params)
+        assert engine.pool.num_used == 0 and bool(strict_steps) == chained
+        results[chained] = [(c.token_ids, c.finish_reason) for o in outs for c in o.outputs]
+    assert results[True] == results[False]
 
 
 if __name__ == "__main__":  # the interpreter run of test_paged_decode_step_in_triton_interpreter

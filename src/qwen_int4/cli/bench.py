@@ -179,6 +179,10 @@ def _measure_precision(precision: str, kv_dtypes: list[str], tokens: list[int], 
             run["decode"].append(r)
             _print_decode(label, r)
         runs.append(run)
+    ttft = gm.prefill_seconds(model, encode) * 1e3  # after the memory runs: it must not move their peaks
+    print(f"  time to first token, {encode}-token prompt: {ttft:.1f} ms", flush=True)
+    for run in runs:
+        run["ttft_ms"] = ttft
     del model
     return runs
 
@@ -214,6 +218,19 @@ def _measure_peer(tokens: list[int], encode: int, bandwidth: float, max_tokens: 
         _print_decode("bf16", r)
     del gen, model
     return run
+
+
+def _print_ttft(runs: list[dict], encode: int) -> None:
+    """Time to first token per precision, and its ratio to our dense BF16 forward (cuBLAS) when run."""
+    ttft = {run["precision"]: run["ttft_ms"] for run in runs if "ttft_ms" in run}
+    if not ttft:
+        return
+    dense = ttft.get("bf16")
+    print(f"\nTime to first token, {encode}-token prompt (static cache, last-position logits):")
+    print("| precision | ms | vs dense BF16 |")
+    print("|---|---|---|")
+    for precision, ms in ttft.items():
+        print(f"| {precision} | {ms:.1f} | " + (f"{ms / dense:.2f}x" if dense else "-") + " |")
 
 
 def _print_decode(label: str, r: dict) -> None:
@@ -261,6 +278,8 @@ def print_tables(results: dict, tokens: list[int], encode: int) -> None:
             generate = next((d for d in run["decode"] if d["tokens"] == longest), None)
             values = [f"{run['encode_peak_GB']:.3f}", f"{generate['peak_GB']:.3f}" if generate else "-"]
         print(f"| {run['precision']} | {run['kv_dtype']} | " + " | ".join(values) + " |")
+
+    _print_ttft(runs, encode)
 
     print(f"\nRoofline = copy bandwidth {results['copy_bandwidth_GBps']:.0f} GB/s / bytes a step reads (mean over the run):")
     print("| precision | KV | tokens | ms/token | GB/token | achieved GB/s | roofline tok/s | % of roofline |")

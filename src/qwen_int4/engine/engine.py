@@ -21,7 +21,7 @@ from ..tokenizer import QWenTokenizer
 from .block_pool import BlockPool
 from .request import CompletionOutput, Request, RequestOutput, SamplingParams, Sequence
 from .runner import ModelRunner, num_kv_blocks
-from .sampler import sample
+from .sampler import sample, sample_launch
 from .scheduler import Scheduler, SchedulerOutput
 from .text import IncrementalText
 
@@ -42,6 +42,9 @@ class EngineConfig:
     max_model_len: int | None = None  # default: config.max_position_embeddings
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # decode-only steps replay a captured graph (CUDA only)
+    # chained decode steps: launch the next decode step before the host has this one's tokens
+    # (LLMEngine.step); None: on when the model is on CUDA (on the CPU nothing runs ahead anyway)
+    async_decode: bool | None = None
 
 
 class LLMEngine:
@@ -62,6 +65,7 @@ class LLMEngine:
                                   config.cuda_graphs)
         self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_id = model.generation_config.eos_token_id
+        self.async_decode = config.async_decode if config.async_decode is not None else model.device.type == "cuda"
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
         self.num_prompt_tokens = 0  # totals, for /metrics
@@ -125,11 +129,18 @@ class LLMEngine:
         every decision that can end a sequence is taken), the next step is scheduled and launched,
         and only then is the collected step's text decoded and reported, while the device runs.
         A sequence that ends meanwhile (an abort) has its row of the launched step dropped.
+
+        Chained (async_decode, see _plan_ahead): when the next step can only be one more decode of
+        the same batch, it is launched before the host waits: its input ids are the in-flight
+        step's draws, taken on the device. The device then never idles for the host; a sequence
+        that ends on the collected tokens (stop token or string) has its row of that step dropped.
         """
         if self._inflight is None:
             self._launch()
-        changed, deferred = self._collect()
-        self._launch()
+        ahead = self._plan_ahead()
+        changed, deferred = self._collect(ahead)
+        if ahead is None:
+            self._launch()
         for seq, token in deferred:
             seq.text.add(token)  # its request has no stop strings: text cannot end the sequence
         return [self._output(r) for r in changed.values() if r.request_id in self.requests]
@@ -143,8 +154,20 @@ class LLMEngine:
             self._inflight = self.runner.execute(out.scheduled)
             self.scheduler.commit(out)
 
-    def _collect(self) -> tuple[dict[str, Request], list[tuple[Sequence, int]]]:
-        """Sample the step in flight and append its tokens; (changed requests, tokens whose text waits)."""
+    def _plan_ahead(self) -> SchedulerOutput | None:
+        """The next step, if it can be launched before the in-flight step's tokens are known: one
+        decode of each of its sampling sequences, where none can end by length on those tokens
+        (other endings need their values) and the scheduler would do just that (schedule_ahead)."""
+        if not self.async_decode or self._inflight is None or not self._inflight[1]:
+            return None
+        for seq in self._inflight[1]:
+            if len(seq.output_ids) + 1 >= seq.params.max_tokens or seq.num_tokens + 1 >= self.max_model_len:
+                return None
+        return self.scheduler.schedule_ahead(self._inflight[1])
+
+    def _collect(self, ahead: SchedulerOutput | None = None) -> tuple[dict[str, Request], list[tuple[Sequence, int]]]:
+        """Sample the step in flight and append its tokens; (changed requests, tokens whose text waits).
+        With `ahead` (from _plan_ahead), that step is launched on the draws before the host waits."""
         changed = {seq.request.request_id: seq.request for seq in self._ended_by_scheduler}
         self._ended_by_scheduler = []
         deferred = []
@@ -153,10 +176,18 @@ class LLMEngine:
             live = [i for i, seq in enumerate(sampling) if not seq.finished]
             if len(live) < len(sampling):
                 logits, sampling = logits[live], [sampling[i] for i in live]
-            for seq, (token, logprob) in zip(sampling, sample(logits, sampling)):
+            if ahead is None:
+                results = sample(logits, sampling)
+            else:  # launch the next step on the draws, then wait for them
+                sampled = sample_launch(logits, sampling)
+                self._inflight = self.runner.execute(ahead.scheduled, sampled.tokens)
+                results = sampled.result()
+            for seq, (token, logprob) in zip(sampling, results):
                 if self._append(seq, token, logprob):
                     deferred.append((seq, token))
                 changed[seq.request.request_id] = seq.request
+            if ahead is not None:
+                self.scheduler.commit(ahead)  # after the appends: full blocks are hashed by their tokens
         return changed, deferred
 
     def _append(self, seq: Sequence, token: int, logprob) -> bool:

@@ -44,7 +44,14 @@ class PagedDecodeStep:
         device = model.device
         # [4, max_batch] scalars (token, position, slot, context length) then [max_batch, max_blocks] block tables
         self.inputs = torch.zeros(max_batch * (4 + self.max_blocks), dtype=torch.int32, device=device)
-        self.host = torch.zeros(self.inputs.shape, dtype=torch.int32, pin_memory=device.type == "cuda")
+        # two pinned staging buffers, used in turn: the next step's inputs are written while the copy
+        # of the step before may still wait in the stream (a chained launch); each has an event
+        # recorded after its copy, waited for before it is written again
+        pinned = device.type == "cuda"
+        self.hosts = [torch.zeros(self.inputs.shape, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+        self.copied = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        self.turn = 0
+        self.padding = np.array([[0], [0], [pool.pad_block * pool.block_size], [1]], dtype=np.int32)  # [4, 1]
         self.cos, self.sin = model.transformer.rotary.table(1.0, max_len, device)  # [>= max_len, D]
         self.logn = None
         if cfg.use_logn_attn and max_len > cfg.seq_length:
@@ -55,20 +62,32 @@ class PagedDecodeStep:
         tables = t[4 * self.max_batch:].view(self.max_batch, self.max_blocks)[:batch]  # [B, max_blocks]
         return scalars, tables
 
-    def write_inputs(self, batch: int, tokens: list[int], positions: list[int], slots: list[int],
+    def write_inputs(self, batch: int, tokens: list[int] | torch.Tensor, positions: list[int], slots: list[int],
                      block_tables: list[list[int]]) -> None:
-        """Stage n <= batch sequences' inputs (rows n..batch-1 are padding) and copy them to the device."""
-        n = len(tokens)
-        scalars, tables = (v.numpy() for v in self._views(self.host, batch))
-        pad = self.pool.pad_block
-        scalars[TOKEN, :n], scalars[POSITION, :n], scalars[SLOT, :n] = tokens, positions, slots
-        scalars[CONTEXT_LEN, :n] = np.asarray(positions) + 1
-        scalars[:, n:] = np.array([[0], [0], [pad * self.pool.block_size], [1]])
+        """Stage n <= batch sequences' inputs (rows n..batch-1 are padding) and copy them to the device.
+
+        tokens: host ids, or a tensor [n] on the device (the tokens sampled by the step before,
+        not known to the host yet), copied in after the staged inputs, in stream order.
+        """
+        n = len(positions)
+        host, done = self.hosts[self.turn], self.copied[self.turn]
+        if done is not None:
+            done.synchronize()  # this buffer's previous copy has run (at once, but for a chained launch)
+        scalars, tables = (v.numpy() for v in self._views(host, batch))
+        scalars[TOKEN, :n] = 0 if isinstance(tokens, torch.Tensor) else tokens
+        scalars[POSITION, :n], scalars[SLOT, :n] = positions, slots
+        scalars[CONTEXT_LEN, :n] = scalars[POSITION, :n] + 1
+        scalars[:, n:] = self.padding
         for row, table in enumerate(block_tables):
             tables[row, : len(table)] = table
-        tables[n:, 0] = pad
+        tables[n:, 0] = self.pool.pad_block
         used = 4 * self.max_batch + batch * self.max_blocks  # the scalars and this bucket's table rows
-        self.inputs[:used].copy_(self.host[:used], non_blocking=True)
+        self.inputs[:used].copy_(host[:used], non_blocking=True)
+        if done is not None:
+            done.record()
+        self.turn ^= 1
+        if isinstance(tokens, torch.Tensor):
+            self._views(self.inputs, batch)[0][TOKEN, :n].copy_(tokens)
 
     def __call__(self, batch: int) -> torch.Tensor:
         model, pool = self.model, self.pool
@@ -122,10 +141,11 @@ class DecodeGraphs:
             self.graphs[batch] = graph
         torch.cuda.synchronize()
 
-    def run(self, tokens: list[int], positions: list[int], slots: list[int],
+    def run(self, tokens: list[int] | torch.Tensor, positions: list[int], slots: list[int],
             block_tables: list[list[int]]) -> torch.Tensor:
-        """logits [n, V] (a view of the bucket's output buffer) for n one-token sequences."""
-        n = len(tokens)
+        """logits [n, V] (a view of the bucket's output buffer) for n one-token sequences; tokens as
+        PagedDecodeStep.write_inputs takes them."""
+        n = len(positions)
         batch = next(b for b in self.buckets if b >= n)
         if not self.graphs:
             self.capture()

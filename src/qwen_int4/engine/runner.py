@@ -16,6 +16,7 @@ from .cuda_graph import graph_decode_problem
 from .paged_cache import KVPool, PagedKVCache, StepLayout
 from .paged_decode import DecodeGraphs, decode_splits
 from .request import Sequence
+from .sampler import to_device
 
 DEFAULT_CPU_KV_CACHE_GB = 1.0
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
@@ -101,35 +102,49 @@ class ModelRunner:
             self.graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, scheduled: dict[Sequence, int]) -> tuple[torch.Tensor, list[Sequence]]:
-        """Run the step; return float32 logits [M, vocab] for the M sequences that sample, and them."""
-        items = sorted(scheduled.items(), key=lambda item: item[1] > 1)  # one-token steps first (stable)
+    def execute(self, scheduled: dict[Sequence, int],
+                pending: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run the step; return float32 logits [M, vocab] for the M sequences that sample, and them.
+
+        pending: a chained decode step, launched before the host has the tokens it runs. Every
+        scheduled sequence runs one token, its newest, sampled by the step before and not yet
+        appended: pending [n] (on the device, in scheduled order) holds them. All of them sample.
+        """
+        items = list(scheduled.items())
+        if pending is None:
+            items.sort(key=lambda item: item[1] > 1)  # one-token steps first (stable)
         g = self.graphs
         if (g is not None and items[-1][1] == 1 and len(items) <= g.max_batch
                 and all((seq.ntk_alpha or 1.0) == 1.0 for seq, _ in items)):
-            return self._decode_graph(items)
-        return self._forward(items)
+            return self._decode_graph(items, pending)
+        return self._forward(items, pending)
 
-    def _decode_graph(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+    def _decode_graph(self, items: list[tuple[Sequence, int]],
+                      pending: torch.Tensor | None) -> tuple[torch.Tensor, list[Sequence]]:
         bs = self.block_size
         seqs = [seq for seq, _ in items]
         positions = [seq.num_computed for seq in seqs]
-        tokens = [_token_at(seq, p) for seq, p in zip(seqs, positions)]
+        tokens = pending if pending is not None else [_token_at(seq, p) for seq, p in zip(seqs, positions)]
         slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
         logits = self.graphs.run(tokens, positions, slots, [seq.block_table for seq in seqs])  # [n, V]
+        if pending is not None:
+            return logits.float(), seqs
         keep = [i for i, (seq, p) in enumerate(zip(seqs, positions)) if p + 1 == seq.num_tokens]
         if len(keep) < len(seqs):
-            logits = logits[torch.tensor(keep, device=self.device)]
+            logits = logits.index_select(0, to_device(keep, torch.long, self.device))  # no sync: t+1 is queued
         return logits.float(), [seqs[i] for i in keep]
 
-    def _forward(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+    def _forward(self, items: list[tuple[Sequence, int]],
+                 pending: torch.Tensor | None) -> tuple[torch.Tensor, list[Sequence]]:
         bs, dev = self.block_size, self.device
+        ahead = pending is not None  # each sequence's newest token is not appended yet
         ids, positions, slots, alphas, keep, sampling = [], [], [], [], [], []
         decode_tables, decode_lens, prefills = [], [], []
         cu_q, cu_k = [0], [0]
         for seq, n in items:
             start, end = seq.num_computed, seq.num_computed + n
-            ids += (seq.prompt_ids + seq.output_ids)[start:end] if n > 1 else [_token_at(seq, start)]
+            if not ahead:
+                ids += (seq.prompt_ids + seq.output_ids)[start:end] if n > 1 else [_token_at(seq, start)]
             positions += range(start, end)
             slots += _slots(seq.block_table, start, end, bs)
             alphas += [float(seq.ntk_alpha or 1.0)] * n
@@ -140,8 +155,8 @@ class ModelRunner:
                 prefills.append((seq, end))
                 cu_q.append(cu_q[-1] + n)
                 cu_k.append(cu_k[-1] + end)
-            if end == seq.num_tokens:  # the step reaches the sequence's last token: it samples
-                keep.append(len(ids) - 1)
+            if end == seq.num_tokens + ahead:  # the step reaches the sequence's last token: it samples
+                keep.append(len(positions) - 1)
                 sampling.append(seq)
         nd = len(decode_lens)
         tables = None
@@ -168,8 +183,9 @@ class ModelRunner:
             decode_splits=decode_splits(nd) if nd else 1,
         )
         cache = PagedKVCache(self.kv, layout, torch.tensor([alphas], dtype=torch.float32, device=dev))
+        input_ids = pending.view(1, -1).long() if ahead else torch.tensor([ids], dtype=torch.long, device=dev)
         out = self.model(
-            torch.tensor([ids], dtype=torch.long, device=dev),  # [1, N]
+            input_ids,  # [1, N]
             past_key_values=cache,
             position_ids=torch.tensor([positions], dtype=torch.long, device=dev),  # [1, N]
             logits_to_keep=torch.tensor(keep, dtype=torch.long, device=dev),

@@ -83,9 +83,32 @@ class Scheduler:
                 budget -= n
         return out
 
+    def schedule_ahead(self, seqs: list[Sequence]) -> SchedulerOutput | None:
+        """The decode step after the one in flight, planned before its tokens are on the host:
+        each of `seqs` (the in-flight step's sampling sequences) runs the token it is sampling.
+
+        Given only when it is what `schedule` would give once those tokens are appended (and
+        no sequence ended): `seqs` are the running sequences in order, all computed, nothing
+        waiting could join, the token budget holds them and no one is preempted for blocks.
+        Else None. Commit it after the tokens are appended (block hashes need their values).
+        """
+        if (seqs != self.running or len(seqs) > self.max_num_batched_tokens
+                or (self.waiting and len(seqs) < self.max_num_seqs)
+                or any(seq.num_computed != seq.num_tokens for seq in seqs)):
+            return None
+        needed = sum(max(0, self._blocks_for(seq.num_computed + 1) - len(seq.block_table)) for seq in seqs)
+        if needed > self.pool.num_free:
+            return None
+        for seq in seqs:
+            self._grow(seq, 1)
+        return SchedulerOutput(scheduled=dict.fromkeys(seqs, 1))
+
     def commit(self, out: SchedulerOutput) -> None:
-        """After the model ran `out`: the tokens are in the cache; register newly full blocks."""
+        """After the model ran `out`: the tokens are in the cache; register newly full blocks.
+        Sequences that ended meanwhile (a chained step's, see schedule_ahead) are left alone."""
         for seq, n in out.scheduled.items():
+            if seq.finished:
+                continue
             seq.num_computed += n
             self._register_full_blocks(seq)
 

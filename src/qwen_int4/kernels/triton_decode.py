@@ -106,6 +106,33 @@ if triton is not None:
         tl.store(z_ptr, zero.to(z_ptr.dtype.element_ty))
 
     @triton.jit
+    def _rope_head(row, cos_row, sin_row, logn, q_out, hidden, HALF: tl.constexpr, HAS_LOGN: tl.constexpr):
+        """One head of a fused qkv row: store rotated (and LogN-scaled) q at q_out; return the rotated k
+        halves and the v halves. fp32 math, cast as the model's apply_rotary does."""
+        d = tl.arange(0, HALF)
+        c1 = tl.load(cos_row + d)
+        c2 = tl.load(cos_row + HALF + d)
+        s1 = tl.load(sin_row + d)
+        s2 = tl.load(sin_row + HALF + d)
+        q1 = tl.load(row + d).to(tl.float32)
+        q2 = tl.load(row + HALF + d).to(tl.float32)
+        k1 = tl.load(row + hidden + d).to(tl.float32)
+        k2 = tl.load(row + hidden + HALF + d).to(tl.float32)
+        v1 = tl.load(row + 2 * hidden + d)
+        v2 = tl.load(row + 2 * hidden + HALF + d)
+        dtype = v1.dtype
+        # x' = x cos + rotate_half(x) sin, rotate_half([x1, x2]) = [-x2, x1]
+        qo1 = (q1 * c1 - q2 * s1).to(dtype)
+        qo2 = (q2 * c2 + q1 * s2).to(dtype)
+        if HAS_LOGN:
+            scale = tl.load(logn).to(dtype)
+            qo1 = qo1 * scale
+            qo2 = qo2 * scale
+        tl.store(q_out + d, qo1)
+        tl.store(q_out + HALF + d, qo2)
+        return (k1 * c1 - k2 * s1).to(dtype), (k2 * c2 + k1 * s2).to(dtype), v1, v2
+
+    @triton.jit
     def _rope_write_kv_kernel(
         qkv_ptr, cos_ptr, sin_ptr, logn_ptr, pos_ptr, q_out_ptr,
         k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
@@ -118,31 +145,8 @@ if triton is not None:
         pos = tl.load(pos_ptr)
         HALF: tl.constexpr = D // 2
         d = tl.arange(0, HALF)
-        hidden = H * D
-        row = qkv_ptr + b * stride_qkv + h * D
-        c1 = tl.load(cos_ptr + pos * D + d)
-        c2 = tl.load(cos_ptr + pos * D + HALF + d)
-        s1 = tl.load(sin_ptr + pos * D + d)
-        s2 = tl.load(sin_ptr + pos * D + HALF + d)
-        q1 = tl.load(row + d).to(tl.float32)
-        q2 = tl.load(row + HALF + d).to(tl.float32)
-        k1 = tl.load(row + hidden + d).to(tl.float32)
-        k2 = tl.load(row + hidden + HALF + d).to(tl.float32)
-        v1 = tl.load(row + 2 * hidden + d)
-        v2 = tl.load(row + 2 * hidden + HALF + d)
-        dtype = v1.dtype
-        # x' = x cos + rotate_half(x) sin, rotate_half([x1, x2]) = [-x2, x1]; cast as the model does
-        qo1 = (q1 * c1 - q2 * s1).to(dtype)
-        qo2 = (q2 * c2 + q1 * s2).to(dtype)
-        if HAS_LOGN:
-            scale = tl.load(logn_ptr + pos).to(dtype)
-            qo1 = qo1 * scale
-            qo2 = qo2 * scale
-        out = q_out_ptr + (b * H + h) * D
-        tl.store(out + d, qo1)
-        tl.store(out + HALF + d, qo2)
-        ko1 = (k1 * c1 - k2 * s1).to(dtype)
-        ko2 = (k2 * c2 + k1 * s2).to(dtype)
+        ko1, ko2, v1, v2 = _rope_head(qkv_ptr + b * stride_qkv + h * D, cos_ptr + pos * D, sin_ptr + pos * D,
+                                      logn_ptr + pos, q_out_ptr + (b * H + h) * D, H * D, HALF, HAS_LOGN)
         cache = b * stride_cb + pos * stride_cs + h * D
         if INT8:
             meta = b * stride_sb + pos * stride_ss + h

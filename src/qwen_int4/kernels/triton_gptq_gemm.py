@@ -37,12 +37,14 @@ class GemmConfig:
 
 
 def default_gemm_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
-    """Heuristic launch parameters for x [m, K] (benchmarks/gptq_kernels.py measures others):
-    enough K slices for about two programs per multiprocessor."""
-    cfg = GemmConfig(16, 64, 4, 3) if m <= 16 else (GemmConfig(64, 64, 4, 3) if m <= 64 else GemmConfig(128, 128, 8, 3))
+    """Launch parameters for x [m, K], from benchmarks/gptq_kernels.py --sweep on an H200: up to
+    16 rows, [16, 128] tiles with one tl.dot per value slot; more rows, [64, 128] tiles with one
+    per unit; K slices for about four programs per multiprocessor (4 slices won at every shape
+    tried, the most the sweep offered)."""
+    cfg = GemmConfig(16, 128, 4, 3, per_slot=True) if m <= 16 else GemmConfig(64, 128, 4, 3, per_slot=False)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
-    split = max(1, min(k // 512, 2 * sms // tiles))
+    split = max(1, min(k // 512, 4 * sms // tiles))
     return GemmConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, split, cfg.per_slot)
 
 
@@ -162,7 +164,8 @@ def gptq_gemm(x: torch.Tensor, w: GPTQWeights, config: GemmConfig | None = None)
         x, w.qweight, w.scales, w.zeros, _stand_in(w.perm, w.scales), _stand_in(w.bias, w.scales), out,
         m, n, w.qweight.shape[1], units, w.scales.shape[1], x.stride(0), n, per_split,
         BITS=w.bits, UNIT=w.unit, UNITS_PER_GROUP=w.group_size // w.unit, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_PERM=w.perm is not None, HAS_BIAS=w.bias is not None, PARTIAL=splits > 1, PER_SLOT=cfg.per_slot,
+        HAS_PERM=w.perm is not None, HAS_BIAS=w.bias is not None, PARTIAL=splits > 1,
+        PER_SLOT=cfg.per_slot and w.unit * w.bits // 32 >= 16,  # a slot's tl.dot needs K = words per unit >= 16
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if splits == 1:

@@ -47,11 +47,13 @@ class GemvConfig:
 
 
 def default_gemv_config(n: int, k: int, bits: int, device: torch.device) -> GemvConfig:
-    """Launch parameters measured best on an H200 (benchmarks/gptq_kernels.py --sweep): for
-    4 bits, 2 rows x 16 units per program with 2 warps at every Qwen-7B shape (within 2% of each
-    shape's best); for 8 bits, ~8 programs per multiprocessor of 8 units each."""
+    """Launch parameters from benchmarks/gptq_kernels.py --sweep on an H100 and an H200: for 4 bits,
+    2 rows per program with 2 warps, 16 units a step, or 8 when that pads K less (mlp.c_proj's 86
+    units: 2-3% faster); within 3% of each Qwen-7B shape's best. For 8 bits, ~8 programs per
+    multiprocessor of 8 units each."""
     if bits == 4:
-        return GemvConfig(block_n=2, block_u=16, num_warps=2)
+        units = k // UNIT
+        return GemvConfig(block_n=2, block_u=16 if units % 16 == 0 or units % 16 > 8 else 8, num_warps=2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     block_u = min(8, max(1, k // UNIT))
     block_n = 16
@@ -60,53 +62,29 @@ def default_gemv_config(n: int, k: int, bits: int, device: torch.device) -> Gemv
     return GemvConfig(block_n=block_n, block_u=block_u)
 
 
-_ASM_INT4 = """{
-.reg .b32 q0, q1, q2, q3, t, acc;
-.reg .b16 lo, hi;
-.reg .f32 flo, fhi;
-lop3.b32 q0, $1, 0x000F000F, 0x64006400, 0xEA;
-shr.u32 t, $1, 4;
-lop3.b32 q1, t, 0x000F000F, 0x64006400, 0xEA;
-shr.u32 t, $1, 8;
-lop3.b32 q2, t, 0x000F000F, 0x64006400, 0xEA;
-shr.u32 t, $1, 12;
-lop3.b32 q3, t, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 q0, q0, $6;
-sub.f16x2 q1, q1, $6;
-sub.f16x2 q2, q2, $6;
-sub.f16x2 q3, q3, $6;
-mul.f16x2 q0, q0, $7;
-mul.f16x2 q1, q1, $7;
-mul.f16x2 q2, q2, $7;
-mul.f16x2 q3, q3, $7;
-mul.f16x2 acc, q0, $2;
-fma.rn.f16x2 acc, q1, $3, acc;
-fma.rn.f16x2 acc, q2, $4, acc;
-fma.rn.f16x2 acc, q3, $5, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}"""  # $0 = sum_j w_j x_j of word $1 (4 pairs) with x pairs $2..$5, half2 (1024 + z) $6, scale $7
+def _half2_dot_asm(bits: int) -> str:
+    """PTX for one word: $0 (f32) = sum over its values of x * s (q - z), with the word in $1, the
+    x pairs of its slot pairs in $2.., then half2 (1024 + z) and half2 (s, s)."""
+    pairs = 16 // bits
+    mask = "0x000F000F" if bits == 4 else "0x00FF00FF"
+    zz, ss = f"${2 + pairs}", f"${3 + pairs}"
+    regs = ", ".join(f"q{p}" for p in range(pairs))
+    lines = [f".reg .b32 {regs}, t, acc;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;"]
+    for p in range(pairs):  # pair p: values p (low half) and pairs + p (high half), 16 bits apart
+        src = "$1" if p == 0 else "t"
+        if p:
+            lines.append(f"shr.u32 t, $1, {bits * p};")
+        lines.append(f"lop3.b32 q{p}, {src}, {mask}, 0x64006400, 0xEA;")  # (w & mask) | fp16 1024: 1024 + q
+    lines += [f"sub.f16x2 q{p}, q{p}, {zz};" for p in range(pairs)]  # q - z, exact
+    lines += [f"mul.f16x2 q{p}, q{p}, {ss};" for p in range(pairs)]  # s (q - z), rounded as dequantized
+    lines.append("mul.f16x2 acc, q0, $2;")
+    lines += [f"fma.rn.f16x2 acc, q{p}, ${2 + p}, acc;" for p in range(1, pairs)]
+    lines += ["mov.b32 {lo, hi}, acc;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", "add.f32 $0, flo, fhi;"]
+    return "{\n" + "\n".join(lines) + "\n}"
 
-_ASM_INT8 = """{
-.reg .b32 q0, q1, t, acc;
-.reg .b16 lo, hi;
-.reg .f32 flo, fhi;
-lop3.b32 q0, $1, 0x00FF00FF, 0x64006400, 0xEA;
-shr.u32 t, $1, 8;
-lop3.b32 q1, t, 0x00FF00FF, 0x64006400, 0xEA;
-sub.f16x2 q0, q0, $4;
-sub.f16x2 q1, q1, $4;
-mul.f16x2 q0, q0, $5;
-mul.f16x2 q1, q1, $5;
-mul.f16x2 acc, q0, $2;
-fma.rn.f16x2 acc, q1, $3, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}"""  # the same for 2 pairs of bytes: x pairs $2, $3, (1024 + z) $4, scale $5
+
+_ASM_INT4 = _half2_dot_asm(4)
+_ASM_INT8 = _half2_dot_asm(8)
 
 
 if triton is not None:

@@ -28,7 +28,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .triton_decode import _attention_combine_kernel
+    from .triton_decode import _attention_combine_kernel, _rope_head
 except ImportError:  # the references below still work
     triton = None
 
@@ -153,32 +153,11 @@ if triton is not None:
         HALF: tl.constexpr = D // 2
         d = tl.arange(0, HALF)
         hidden = H * D
-        row = qkv_ptr + n * stride_qkv + h * D
-        c1 = tl.load(cos_ptr + n * D + d)
-        c2 = tl.load(cos_ptr + n * D + HALF + d)
-        s1 = tl.load(sin_ptr + n * D + d)
-        s2 = tl.load(sin_ptr + n * D + HALF + d)
-        q1 = tl.load(row + d).to(tl.float32)
-        q2 = tl.load(row + HALF + d).to(tl.float32)
-        k1 = tl.load(row + hidden + d).to(tl.float32)
-        k2 = tl.load(row + hidden + HALF + d).to(tl.float32)
-        v1 = tl.load(row + 2 * hidden + d)
-        v2 = tl.load(row + 2 * hidden + HALF + d)
-        dtype = v1.dtype
-        # x' = x cos + rotate_half(x) sin, rotate_half([x1, x2]) = [-x2, x1]; cast as the model does
-        qo1 = (q1 * c1 - q2 * s1).to(dtype)
-        qo2 = (q2 * c2 + q1 * s2).to(dtype)
-        if HAS_LOGN:
-            scale = tl.load(logn_ptr + n).to(dtype)
-            qo1 = qo1 * scale
-            qo2 = qo2 * scale
-        out = q_out_ptr + (n * H + h) * D
-        tl.store(out + d, qo1)
-        tl.store(out + HALF + d, qo2)
-        slot = tl.load(slot_ptr + n).to(tl.int64)
-        dst = slot * hidden + h * D
-        tl.store(k_ptr + dst + d, (k1 * c1 - k2 * s1).to(dtype))
-        tl.store(k_ptr + dst + HALF + d, (k2 * c2 + k1 * s2).to(dtype))
+        ko1, ko2, v1, v2 = _rope_head(qkv_ptr + n * stride_qkv + h * D, cos_ptr + n * D, sin_ptr + n * D,
+                                      logn_ptr + n, q_out_ptr + (n * H + h) * D, hidden, HALF, HAS_LOGN)
+        dst = tl.load(slot_ptr + n).to(tl.int64) * hidden + h * D
+        tl.store(k_ptr + dst + d, ko1)
+        tl.store(k_ptr + dst + HALF + d, ko2)
         tl.store(v_ptr + dst + d, v1)
         tl.store(v_ptr + dst + HALF + d, v2)
 
