@@ -6,7 +6,8 @@ The model is random, with Qwen-7B-Chat-Int4's shapes, built straight on the GPU 
 
   speed:  tokens/s generating N tokens (default 2048 and 8192) greedily from a 1-token context;
   memory: peak GPU memory (torch.cuda.max_memory_allocated) encoding a 2048-token prompt
-          (+1 generated token), and generating the most tokens of the speed runs.
+          (+1 generated token), and generating the most tokens of the speed runs;
+  TTFT:   time to first token for that prompt, and its ratio to the dense BF16 model's.
 
 Each decode run also prints the bytes a step reads on average (weights + KV cache), the
 device-to-device copy bandwidth measured first, and the share of the roofline
