@@ -22,9 +22,8 @@ from ..kernels.triton_decode import (
     add_rms_norm,
     decode_attention,
     rope_write_kv,
-    swiglu,
+    swiglu_mlp,
 )
-from ..kernels.triton_gptq import gated_gemv
 from ..model.rope import logn_scale
 from ..model.static_cache import StaticKVCache
 from ..quant.gptq import GPTQLinear
@@ -59,13 +58,6 @@ def graph_decode_problem(model: torch.nn.Module, capture: bool = True) -> str | 
 def graph_capturable(model: torch.nn.Module) -> bool:
     """Whether every layer of `model` can run inside a captured CUDA graph (no reference GPTQ kernel)."""
     return graph_decode_problem(model, capture=True) is None
-
-
-def _swiglu_mlp(mlp: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """w1(y) * silu(w2(y)) [B, ffn]: in w2's GEMV epilogue when it can (one launch less)."""
-    a = mlp.w1(y)
-    fused = gated_gemv(mlp.w2, y, a)
-    return fused if fused is not None else swiglu(a, mlp.w2(y))
 
 
 class DecodeStep:
@@ -107,7 +99,7 @@ class DecodeStep:
             q = rope_write_kv(qkv, self.cos, self.sin, self.logn, self.pos, keys, values, meta, heads)  # [B, H, D]
             o = decode_attention(q, keys, values, meta, self.pos, self.start, self.splits)  # [B, hidden]
             y, x = add_rms_norm(block.attn.c_proj(o), x, block.ln_2.weight, eps)  # x += attn; y = ln_2(x)
-            m = block.mlp.c_proj(_swiglu_mlp(block.mlp, y))
+            m = block.mlp.c_proj(swiglu_mlp(block.mlp, y))
             norm = t.h[i + 1].ln_1.weight if i + 1 < len(t.h) else t.ln_f.weight
             y, x = add_rms_norm(m, x, norm, eps)  # x += mlp; y = next ln_1 (or ln_f)
         return self.model.lm_head(y)  # [B, V]

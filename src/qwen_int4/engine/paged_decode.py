@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..kernels.triton_decode import add_rms_norm, swiglu
+from ..kernels.triton_decode import add_rms_norm, swiglu_mlp
 from ..kernels.triton_paged import paged_decode_attention, rope_write_paged
 from ..model.rope import logn_scale
 from .paged_cache import KVPool
@@ -105,7 +105,7 @@ class PagedDecodeStep:
             q = rope_write_paged(qkv, cos, sin, logn, slots, pool.k[i], pool.v[i], heads)  # [B, H, D]
             o = paged_decode_attention(q, pool.k[i], pool.v[i], tables, lens, decode_splits(batch))  # [B, H, D]
             y, x = add_rms_norm(block.attn.c_proj(o.view(batch, -1)), x, block.ln_2.weight, eps)  # x += attn
-            m = block.mlp.c_proj(swiglu(block.mlp.w1(y), block.mlp.w2(y)))
+            m = block.mlp.c_proj(swiglu_mlp(block.mlp, y))
             norm = t.h[i + 1].ln_1.weight if i + 1 < len(t.h) else t.ln_f.weight
             y, x = add_rms_norm(m, x, norm, eps)  # x += mlp; y = next ln_1 (or ln_f)
         return model.lm_head(y)  # [B, V]

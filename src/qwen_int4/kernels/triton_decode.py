@@ -18,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .triton_gptq import gated_gemv
+
 try:
     import triton
     import triton.language as tl
@@ -159,6 +161,26 @@ if triton is not None:
             tl.store(v_ptr + cache + HALF + d, v2)
 
     @triton.jit
+    def _online_softmax_step(q, k, v, ok, m, l, acc):
+        """One tile of flash-decoding: fold keys/values k, v [T, D] (rows where `ok`) into the running
+        max m, normaliser l and output acc [D] of query q [D] (already scaled)."""
+        scores = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))  # [T]
+        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        p = tl.exp(scores - m_new)
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        return m_new, l, acc
+
+    @triton.jit
+    def _store_partial(part, d, acc, m, l):
+        """One split's (acc [D], m, l) at `part`, as `_attention_combine_kernel` reads it."""
+        D: tl.constexpr = acc.shape[0]
+        tl.store(part + d, acc)
+        tl.store(part + D, m)
+        tl.store(part + D + 1, l)
+
+    @triton.jit
     def _attention_partial_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, pos_ptr, start_ptr, part_ptr,
         H, stride_cb, stride_cs, stride_sb, stride_ss, sm_scale,
@@ -193,17 +215,8 @@ if triton is not None:
                     * tl.load(ks_ptr + meta, mask=ok, other=0.0).to(tl.float32)[:, None]
                 v = (v - tl.load(vz_ptr + meta, mask=ok, other=0.0).to(tl.float32)[:, None]) \
                     * tl.load(vs_ptr + meta, mask=ok, other=0.0).to(tl.float32)[:, None]
-            scores = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))  # [BS]
-            m_new = tl.maximum(m, tl.max(scores, axis=0))
-            p = tl.exp(scores - m_new)
-            alpha = tl.exp(m - m_new)
-            l = l * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m = m_new
-        out = part_ptr + (bh * SPLITS + split) * (D + 2)
-        tl.store(out + d, acc)
-        tl.store(out + D, m)
-        tl.store(out + D + 1, l)
+            m, l, acc = _online_softmax_step(q, k, v, ok, m, l, acc)
+        _store_partial(part_ptr + (bh * SPLITS + split) * (D + 2), d, acc, m, l)
 
     @triton.jit
     def _attention_combine_kernel(part_ptr, out_ptr, SPLITS: tl.constexpr, D: tl.constexpr):
@@ -294,3 +307,11 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     n = a.numel()
     _swiglu_kernel[(triton.cdiv(n, 1024),)](a, b, out, n, BLOCK=1024, num_warps=4)
     return out
+
+
+def swiglu_mlp(mlp: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The MLP's w1(y) * silu(w2(y)) [B, ffn] for a decode step: in w2's GEMV epilogue when w2 runs
+    triton-gptq on one row (one launch less, same rounding), else `swiglu` of the two outputs."""
+    a = mlp.w1(y)
+    fused = gated_gemv(mlp.w2, y, a)
+    return fused if fused is not None else swiglu(a, mlp.w2(y))

@@ -28,7 +28,12 @@ try:
     import triton
     import triton.language as tl
 
-    from .triton_decode import _attention_combine_kernel, _rope_head
+    from .triton_decode import (
+        _attention_combine_kernel,
+        _online_softmax_step,
+        _rope_head,
+        _store_partial,
+    )
 except ImportError:  # the references below still work
     triton = None
 
@@ -127,20 +132,11 @@ if triton is not None:
             offs = row[:, None] + d[None, :]  # [TILE, D]
             k = tl.load(k_ptr + offs, mask=ok[:, None], other=0).to(tl.float32)
             v = tl.load(v_ptr + offs, mask=ok[:, None], other=0).to(tl.float32)
-            scores = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))  # [TILE]
-            m_new = tl.maximum(m, tl.max(scores, axis=0))
-            p = tl.exp(scores - m_new)
-            alpha = tl.exp(m - m_new)
-            l = l * alpha + tl.sum(p, axis=0)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            m = m_new
+            m, l, acc = _online_softmax_step(q, k, v, ok, m, l, acc)
         if SPLITS == 1:  # the whole context: normalise and write the output directly
             tl.store(out_ptr + bh * D + d, (acc / l).to(out_ptr.dtype.element_ty))
         else:
-            part = part_ptr + (bh * SPLITS + split) * (D + 2)
-            tl.store(part + d, acc)
-            tl.store(part + D, m)
-            tl.store(part + D + 1, l)
+            _store_partial(part_ptr + (bh * SPLITS + split) * (D + 2), d, acc, m, l)
 
     @triton.jit
     def _rope_write_paged_kernel(
