@@ -99,15 +99,44 @@ def sweep_gemv(bits: int, bandwidth: float) -> list[GemvConfig]:
 
 
 def gemm_candidates(m: int) -> list[GemmConfig | None]:
-    if m <= 16:
-        return [None] + [GemmConfig(16, bn, 4, 3, split, True) for bn, split in itertools.product((64, 128), (4, 8, 16))]
-    return [None] + [GemmConfig(bm, bn, 8 if bm * bn >= 128 * 128 else 4, 3, split, False)
-                     for bm, bn, split in itertools.product((64, 128, 256), (64, 128), (2, 4, 8))
-                     if bm <= max(64, m) and bm * bn <= 256 * 64]
+    """Launch configurations for m rows: the x-left kernel's (per-slot or per-unit dots) and the
+    weights-left kernel's (`wx`: [BLOCK_N, BLOCK_M] tiles)."""
+    xw = [GemmConfig(16, bn, 4, 3, split, True) for bn, split in itertools.product((64, 128), (4, 8))] if m <= 16 else \
+        [GemmConfig(bm, 128, 4, 3, split, per_slot) for bm, split, per_slot in itertools.product((32, 64), (2, 4), (False, True))
+         if bm <= max(32, m)]
+    bms = [b for b in (16, 32, 64, 128, 256) if b <= max(16, triton_next_pow2(m)) and b >= min(m, 256) // 4]
+    splits = (2, 4) if m <= 64 else (1, 2) if m <= 512 else (1,)
+    wx = [GemmConfig(bm, bn, 8 if big else 4, stages, split, True, True)
+          for bm, bn, stages, split in itertools.product(bms, (64, 128, 256), (2, 3, 4), splits)
+          for big in [bm * bn >= 128 * 128] if bm * bn <= 256 * 128 and (stages < 4 if big else stages > 2)]
+    return [None] + xw + wx
 
 
-def bench_shape(name: str, k: int, n: int, bits: int, rows: list[int], gemv_cfgs: list, sweep: bool,
-                bandwidth: float) -> dict:
+def triton_next_pow2(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def sweep_gemm(m: int, bits: int, bandwidth: float, keep: int = 5) -> list[GemmConfig | None]:
+    """Every candidate on c_attn at m rows; the fastest `keep` (and the default, None)."""
+    k, n = LINEARS["attn.c_attn"]
+    copies = [random_weights(k, n, bits, seed=i) for i in range(8)]
+    x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+    scored = []
+    for cfg in gemm_candidates(m):
+        try:
+            us, _ = timed(lambda a, w, c=cfg: gptq_gemm(a, w, c), x, copies, 1, bandwidth)
+        except Exception as exc:  # noqa: BLE001 - a configuration that does not compile or fit
+            print(f"  gemm m={m} {cfg}: {type(exc).__name__} {str(exc)[:100]}", file=sys.stderr)
+            continue
+        print(f"  sweep gemm bits={bits} c_attn m={m} {cfg}: {us:.2f} us", file=sys.stderr)
+        scored.append((us, cfg))
+    scored.sort(key=lambda s: s[0])
+    print(f"sweep gemm m={m} best: " + "; ".join(f"{us:.1f} us {c}" for us, c in scored[:keep]))
+    return [c for _, c in scored[:keep] if c is not None] + [None]
+
+
+def bench_shape(name: str, k: int, n: int, bits: int, rows: list[int], gemv_cfgs: list,
+                gemm_cfgs: dict[int, list], bandwidth: float) -> dict:
     copies = [random_weights(k, n, bits, seed=i) for i in range(COPIES)]
     nbytes = weight_bytes(copies[0])
     result = {"linear": name, "K": k, "N": n, "bits": bits, "MB": nbytes / 1e6, "roofline_us": nbytes / bandwidth * 1e6}
@@ -126,7 +155,7 @@ def bench_shape(name: str, k: int, n: int, bits: int, rows: list[int], gemv_cfgs
     dense = [torch.randn(n, k, dtype=torch.float16, device="cuda") * 0.02 for _ in range(8)]
     for m in rows:
         x = torch.randn(m, k, dtype=torch.float16, device="cuda")
-        cfgs = gemm_candidates(m) if sweep else [None]
+        cfgs = gemm_cfgs.get(m, [None])
         gbest = None
         for cfg in cfgs:
             try:
@@ -140,6 +169,7 @@ def bench_shape(name: str, k: int, n: int, bits: int, rows: list[int], gemv_cfgs
         result[f"gemm{m}_us"], result[f"gemm{m}_cfg"] = gbest[0], str(gbest[1])
         result[f"dequant_cublas{m}_us"] = time_graph(
             lambda a=x: [F.linear(a, gptq_dequantize(w, a.dtype), w.bias) for w in copies[:8]], replays=10) / 8 * 1e6
+        result[f"linear{m}_us"] = time_graph(lambda a=x: [gptq_linear(a, w) for w in copies[:8]], replays=10) / 8 * 1e6
         result[f"dense{m}_us"] = time_graph(lambda a=x: [F.linear(a, d) for d in dense], replays=10) / 8 * 1e6
     result["cublas_gemv_us"] = time_graph(lambda: [F.linear(x1, d) for d in dense]) / 8 * 1e6
     print(json.dumps(result), file=sys.stderr)
@@ -149,6 +179,7 @@ def bench_shape(name: str, k: int, n: int, bits: int, rows: list[int], gemv_cfgs
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--no-gemv-sweep", action="store_true", help="with --sweep: the GEMM's configurations only")
     parser.add_argument("--bits", default="4,8")
     parser.add_argument("--rows", default="16,64,256")
     parser.add_argument("--out", default=None)
@@ -161,13 +192,14 @@ def main() -> None:
         report["checks"] += check(bits)
         fails = [c for c in report["checks"] if c.endswith("FAIL")]
         print("\n".join(fails) or f"bits={bits}: all kernel checks ok")
-        gemv_cfgs = sweep_gemv(bits, bandwidth) if args.sweep else [GemvConfig(), None]
+        gemv_cfgs = sweep_gemv(bits, bandwidth) if args.sweep and not args.no_gemv_sweep else [GemvConfig(), None]
         gemv_cfgs = [c for c in gemv_cfgs if c is not None] + [None]
+        gemm_cfgs = {m: sweep_gemm(m, bits, bandwidth) for m in rows} if args.sweep and bits == 4 else {}
         for name, (k, n) in LINEARS.items():
-            r = bench_shape(name, k, n, bits, rows, gemv_cfgs, args.sweep and bits == 4, bandwidth)
+            r = bench_shape(name, k, n, bits, rows, gemv_cfgs, gemm_cfgs, bandwidth)
             report["linears"].append(r)
-            gem = " ".join(f"M={m}: {r[f'gemm{m}_us']:.1f} (deq {r[f'dequant_cublas{m}_us']:.1f}, dense {r[f'dense{m}_us']:.1f})"
-                           for m in rows)
+            gem = " ".join(f"M={m}: {r[f'gemm{m}_us']:.1f} (deq {r[f'dequant_cublas{m}_us']:.1f}, "
+                           f"linear {r[f'linear{m}_us']:.1f}, dense {r[f'dense{m}_us']:.1f})" for m in rows)
             print(f"{name} int{bits} {k}x{n} {r['MB']:.1f} MB roof {r['roofline_us']:.2f} us | gemv {r['gemv_us']:.2f} us "
                   f"({r['gemv_vs_copy_bw']:.0%}) {r['gemv_cfg']} | cuBLAS fp16 gemv {r['cublas_gemv_us']:.2f} | {gem}")
     if args.out:

@@ -74,7 +74,8 @@ def check_kernels(device: str, shapes, seed: int = 0) -> None:
                 model_way = gate * torch.nn.functional.silu(gptq_gemv(x, w).float()).to(gate.dtype)  # as the MLP rounds
                 assert _rel_err(fused, model_way.double()) < 1e-3
             elif rows <= tg.GEMM_MAX_ROWS:
-                for cfg in (None, GemmConfig(block_m=16, block_n=16, split_k=2)):
+                for cfg in (None, GemmConfig(block_m=16, block_n=16, split_k=2), GemmConfig(block_m=16, block_n=32, wx=True),
+                            GemmConfig(block_m=32, block_n=16, split_k=3, wx=True)):
                     got = gptq_gemm(x, w, cfg)
                     assert _rel_err(got, want) < 2e-3, (k_in, n_out, rows, cfg, _rel_err(got, want))
             got = tg.gptq_linear(x.view(1, rows, k_in), w)  # dispatch by row count

@@ -31,10 +31,10 @@ try:
 except ImportError:  # CPU-only install: `unavailable_reason` says so
     triton = None
 
-# rows of x up to which the fused GEMM is used: on an H200 at Qwen-7B shapes it takes 44 / 64 us
-# for c_attn at 16 / 64 rows (dequantize + cuBLAS: 71 / 74 us), 43 / 53 us for mlp.c_proj (64 / 65),
-# 25 / 30 us for attn.c_proj (24 / 24); at 256 rows dequantize + cuBLAS is 2.4x faster
-GEMM_MAX_ROWS = 64
+# rows of x up to which the fused GEMM is used: on an H100 at Qwen-7B shapes, c_attn takes 45 / 62 /
+# 71 us at 16 / 64 / 128 rows (dequantize + cuBLAS: 90 / 92 / 94 us), mlp.w1 43 / 59 / 69 (84 / 84 /
+# 85); at 256 rows dequantize + cuBLAS is faster (c_attn 97 against 108 us)
+GEMM_MAX_ROWS = 128
 # Most weights dequantized at once for many rows (prefill): bigger linears are done in K blocks
 # (2048-token prefill of mlp.w1/w2 on a 7B model: 45 MB of scratch instead of 90 MB).
 DEQUANT_SCRATCH = 1 << 25

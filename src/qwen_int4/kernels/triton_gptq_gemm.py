@@ -1,16 +1,22 @@
-"""Triton kernels for GPTQ weights and many rows of x: a tensor-core GEMM and a dequantizer.
+"""Triton kernels for GPTQ weights and many rows of x: tensor-core GEMMs and a dequantizer.
 
 Layout: kernels/gptq_layout.py. Oracle: `dequantize_reference` there.
 
-* `_gemm_kernel` (batched decode, up to a few dozen rows): per unit (128 rows), the words of
-  BLOCK_N output rows are unpacked to a [BLOCK_N, 128] tile (a reshape and a permute put the
-  slots in row order, gptq_layout.py), scaled, and multiplied with the
-  matching [BLOCK_M, 128] tile of x by one tl.dot.
+* `_gemm_wx_kernel` (batched decode, the default up to triton_gptq.GEMM_MAX_ROWS rows): out^T =
+  W x^T per [BLOCK_N, BLOCK_M] tile, one tl.dot per value slot of a unit's words (K = 16 rows of
+  a slot). The dequantized weights are the left operand, which Hopper's wgmma reads from
+  registers (no shared-memory round trip), and x is gathered once into slot order (`slot_order`)
+  so that each slot's x tile is one contiguous, pipelined load.
+* `_gemm_kernel` (x as the left operand): per unit, either one tl.dot per slot reading x with a
+  stride of 2, or the unit's words unpacked to a [BLOCK_N, 128] tile in row order (a reshape and
+  a permute: register shuffles) and one tl.dot. Kept for the sweeps and for group sizes whose
+  units are too short for a slot's tl.dot.
 * `_dequant_kernel` (prefill): W [N, k] in nn.Linear's layout (packed row order) for a range
   of units, so cuBLAS computes x @ W^T; the launcher bounds the scratch by doing K in blocks.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +32,7 @@ except ImportError:  # CPU-only install
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Launch parameters of `_gemm_kernel`."""
+    """Launch parameters of `_gemm_wx_kernel` (wx) or `_gemm_kernel`."""
 
     block_m: int = 16
     block_n: int = 64
@@ -34,21 +40,37 @@ class GemmConfig:
     num_stages: int = 3
     split_k: int = 1  # K slices; their float32 partials are summed in order (deterministic)
     per_slot: bool = True  # one tl.dot per value slot (K = words per unit) instead of one per unit
+    wx: bool = False  # `_gemm_wx_kernel`: weights as the left operand, x gathered in slot order
 
 
 def default_gemm_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
-    """Launch parameters for x [m, K], from benchmarks/gptq_kernels.py --sweep on an H200: up to
-    16 rows, [16, 128] tiles with one tl.dot per value slot; more rows, [64, 128] tiles with one
-    per unit; K slices for about four programs per multiprocessor (4 slices won at every shape
-    tried, the most the sweep offered)."""
-    cfg = GemmConfig(16, 128, 4, 3, per_slot=True) if m <= 16 else GemmConfig(64, 128, 4, 3, per_slot=False)
+    """Launch parameters for x [m, K], from benchmarks/gptq_kernels.py --sweep on an H100 (c_attn):
+    the weights-left kernel with [BLOCK_N, BLOCK_M] tiles of [64, 16] up to 16 rows (44.8 us at 16
+    rows), [128, 64] up to 64 (61.5 us) and [128, 128] with 8 warps above (71.4 us at 128). K
+    slices (up to one per 1024 rows of K) for about eight programs per multiprocessor up to 64
+    rows; above, only where the tiles fill less than half of the multiprocessors."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    if m <= 64:
+        cfg, programs = GemmConfig(16, 64, 4, 3, wx=True) if m <= 16 else GemmConfig(64, 128, 4, 3, wx=True), 8 * sms
+    else:
+        cfg, programs = GemmConfig(128, 128, 8, 3, wx=True), sms
     tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
-    split = max(1, min(k // 512, 4 * sms // tiles))
-    return GemmConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, split, cfg.per_slot)
+    split = 1 if m > 64 and 2 * tiles >= sms else max(1, min(k // 1024, programs // tiles))
+    return GemmConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, split, True, True)
 
 
 if triton is not None:
+
+    @triton.jit
+    def _unit_words(qweight_ptr, scales_ptr, zeros_ptr, cols, n_ok, u, K_WORDS, GROUPS,
+                    WPU: tl.constexpr, UNITS_PER_GROUP: tl.constexpr):
+        """Unit u's words [BN, WPU] of rows `cols`, with their scale and 1 + 2^23 + zero [BN, 1]."""
+        offs_w = tl.arange(0, WPU)
+        words = tl.load(qweight_ptr + cols[:, None] * K_WORDS + u * WPU + offs_w[None, :], mask=n_ok[:, None], other=0)
+        g = u // UNITS_PER_GROUP
+        s = tl.load(scales_ptr + cols * GROUPS + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        z = tl.load(zeros_ptr + cols * GROUPS + g, mask=n_ok, other=0).to(tl.float32)[:, None] + (1.0 + 8388608.0)
+        return words, s, z
 
     @triton.jit
     def _unit_tile(qweight_ptr, scales_ptr, zeros_ptr, cols, n_ok, u, K_WORDS, GROUPS,
@@ -56,19 +78,21 @@ if triton is not None:
         """W[cols, unit u's UNIT packed rows] = s (q - z), exact in float32, [BN, UNIT]."""
         P: tl.constexpr = 32 // BITS
         WPU: tl.constexpr = UNIT // P
-        offs_w = tl.arange(0, WPU)
-        words = tl.load(qweight_ptr + cols[:, None] * K_WORDS + u * WPU + offs_w[None, :], mask=n_ok[:, None], other=0)
+        words, s, z = _unit_words(qweight_ptr, scales_ptr, zeros_ptr, cols, n_ok, u, K_WORDS, GROUPS, WPU, UNITS_PER_GROUP)
         shifts = tl.arange(0, P) * BITS  # slot j at bits j * BITS
         q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BN, P, WPU]: packed row j*WPU + w
-        g = u // UNITS_PER_GROUP
-        s = tl.load(scales_ptr + cols * GROUPS + g, mask=n_ok, other=0.0).to(tl.float32)
-        z = tl.load(zeros_ptr + cols * GROUPS + g, mask=n_ok, other=0).to(tl.float32) + (1.0 + 8388608.0)
         # q - z without an int->float conversion (a quarter-rate instruction): the bits of q under
         # the exponent of 2^23 read as the float 2^23 + q exactly
         qf = (q | 0x4B000000).to(tl.float32, bitcast=True)
-        w = (qf - z[:, None, None]) * s[:, None, None]  # [BN, P, WPU], slot j = h * P/2 + p
+        w = (qf - z[:, :, None]) * s[:, :, None]  # [BN, P, WPU], slot j = h * P/2 + p
         w = tl.reshape(w, (cols.shape[0], 2, P // 2, WPU))  # [BN, h, p, w]
         return tl.reshape(tl.permute(w, (0, 2, 3, 1)), (cols.shape[0], UNIT))  # row p * 2 WPU + 2 w + h
+
+    @triton.jit
+    def _slot_weights(words, s, z, J: tl.constexpr, BITS: tl.constexpr):
+        """Slot J of `words` dequantized as in _unit_tile: s (q - z) in float32 (z carries 1 + 2^23)."""
+        q = (words >> (BITS * J)) & ((1 << BITS) - 1)
+        return ((q | 0x4B000000).to(tl.float32, bitcast=True) - z) * s
 
     @triton.jit
     def _unit_dots_per_slot(acc, x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, m_ok, cols, n_ok, u,
@@ -79,19 +103,48 @@ if triton is not None:
         P: tl.constexpr = 32 // BITS
         WPU: tl.constexpr = UNIT // P
         offs_w = tl.arange(0, WPU)
-        words = tl.load(qweight_ptr + cols[:, None] * K_WORDS + u * WPU + offs_w[None, :], mask=n_ok[:, None], other=0)
-        g = u // UNITS_PER_GROUP
-        s = tl.load(scales_ptr + cols * GROUPS + g, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        z = tl.load(zeros_ptr + cols * GROUPS + g, mask=n_ok, other=0).to(tl.float32)[:, None] + (1.0 + 8388608.0)
+        words, s, z = _unit_words(qweight_ptr, scales_ptr, zeros_ptr, cols, n_ok, u, K_WORDS, GROUPS, WPU, UNITS_PER_GROUP)
         for j in tl.static_range(P):
             k = u * UNIT + (j % (P // 2)) * 2 * WPU + 2 * offs_w + j // (P // 2)  # [WPU]
             if HAS_PERM:
                 k = tl.load(perm_ptr + k)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)  # [BM, WPU]
-            q = (words >> (BITS * j)) & ((1 << BITS) - 1)
-            w = ((q | 0x4B000000).to(tl.float32, bitcast=True) - z) * s  # [BN, WPU], as in _unit_tile
+            w = _slot_weights(words, s, z, j, BITS)  # [BN, WPU]
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
         return acc
+
+    @triton.jit
+    def _gemm_wx_kernel(
+        xs_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+        M, N, K_WORDS, UNITS, GROUPS, stride_xm, stride_om, units_per_split,
+        BITS: tl.constexpr, UNIT: tl.constexpr, UNITS_PER_GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+    ):
+        """out[m, n] for one tile, as out^T [BLOCK_N, BLOCK_M] = W[cols] xs[rows]^T: the dequantized
+        weights are the left operand (kept in registers by the tensor-core instruction), and xs is x
+        in slot order (`slot_order`: slot j of unit u at columns u UNIT + j WPU ..), so each slot's
+        [BLOCK_M, WPU] tile of it is one contiguous load and no register shuffles are needed."""
+        P: tl.constexpr = 32 // BITS
+        WPU: tl.constexpr = UNIT // P
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = cols < N
+        offs_w = tl.arange(0, WPU)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        u_lo = tl.program_id(2) * units_per_split
+        for u in tl.range(u_lo, tl.minimum(u_lo + units_per_split, UNITS)):
+            words, s, z = _unit_words(qweight_ptr, scales_ptr, zeros_ptr, cols, n_ok, u, K_WORDS, GROUPS,
+                                      WPU, UNITS_PER_GROUP)
+            for j in tl.static_range(P):
+                xt = tl.load(xs_ptr + offs_m[None, :] * stride_xm + (u * UNIT + j * WPU + offs_w)[:, None],
+                             mask=m_ok[None, :], other=0.0)  # [WPU, BM]
+                w = _slot_weights(words, s, z, j, BITS)  # [BN, WPU]
+                acc = tl.dot(w.to(xt.dtype), xt, acc)
+        if HAS_BIAS and not PARTIAL:
+            acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        out = out_ptr + tl.program_id(2) * M * N + offs_m[None, :] * stride_om + cols[:, None]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
     @triton.jit
     def _gemm_kernel(
@@ -147,6 +200,35 @@ def _stand_in(t: torch.Tensor | None, other: torch.Tensor) -> torch.Tensor:
     return t if t is not None else other
 
 
+@functools.lru_cache(maxsize=64)
+def _slot_order(k: int, unit: int, bits: int, device: torch.device) -> torch.Tensor:
+    """[k] packed-row index of each column of x in slot order: column u UNIT + j WPU + w holds packed
+    row u UNIT + p 2WPU + 2w + h, the row that slot j = h P/2 + p of word w of unit u multiplies."""
+    values, wpu = 32 // bits, unit * bits // 32
+    j = torch.arange(values).view(values, 1)
+    w = torch.arange(wpu).view(1, wpu)
+    rows = (j % (values // 2)) * 2 * wpu + 2 * w + j // (values // 2)  # [P, WPU]
+    return (torch.arange(0, k, unit).view(-1, 1) + rows.reshape(1, -1)).reshape(-1).to(device)
+
+
+def slot_order(w: GPTQWeights, device: torch.device) -> torch.Tensor:
+    """[K] index of x's column for each column of x in slot order (act-order's permutation included)."""
+    order = _slot_order(w.in_features, w.unit, w.bits, device)
+    return w.perm.index_select(0, order) if w.perm is not None else order
+
+
+def _launch_wx(x: torch.Tensor, w: GPTQWeights, cfg: GemmConfig, out: torch.Tensor, per_split: int, splits: int) -> None:
+    m, n = x.shape[0], w.out_features
+    xs = x.index_select(1, slot_order(w, x.device))  # [M, K] in slot order
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), splits)
+    _gemm_wx_kernel[grid](
+        xs, w.qweight, w.scales, w.zeros, _stand_in(w.bias, w.scales), out,
+        m, n, w.qweight.shape[1], w.in_features // w.unit, w.scales.shape[1], xs.stride(0), n, per_split,
+        BITS=w.bits, UNIT=w.unit, UNITS_PER_GROUP=w.group_size // w.unit, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_BIAS=w.bias is not None, PARTIAL=splits > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
 def gptq_gemm(x: torch.Tensor, w: GPTQWeights, config: GemmConfig | None = None) -> torch.Tensor:
     """x [M, K] (fp16/bf16) -> x @ W^T + bias [M, N] in x's dtype, on tensor cores."""
     m, k = x.shape
@@ -159,15 +241,18 @@ def gptq_gemm(x: torch.Tensor, w: GPTQWeights, config: GemmConfig | None = None)
     splits = -(-units // per_split)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device) if splits == 1 else \
         torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), splits)
-    _gemm_kernel[grid](
-        x, w.qweight, w.scales, w.zeros, _stand_in(w.perm, w.scales), _stand_in(w.bias, w.scales), out,
-        m, n, w.qweight.shape[1], units, w.scales.shape[1], x.stride(0), n, per_split,
-        BITS=w.bits, UNIT=w.unit, UNITS_PER_GROUP=w.group_size // w.unit, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_PERM=w.perm is not None, HAS_BIAS=w.bias is not None, PARTIAL=splits > 1,
-        PER_SLOT=cfg.per_slot and w.unit * w.bits // 32 >= 16,  # a slot's tl.dot needs K = words per unit >= 16
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    slot_dots = w.unit * w.bits // 32 >= 16  # a slot's tl.dot needs K = words per unit >= 16
+    if cfg.wx and slot_dots:
+        _launch_wx(x, w, cfg, out, per_split, splits)
+    else:
+        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), splits)
+        _gemm_kernel[grid](
+            x, w.qweight, w.scales, w.zeros, _stand_in(w.perm, w.scales), _stand_in(w.bias, w.scales), out,
+            m, n, w.qweight.shape[1], units, w.scales.shape[1], x.stride(0), n, per_split,
+            BITS=w.bits, UNIT=w.unit, UNITS_PER_GROUP=w.group_size // w.unit, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, HAS_PERM=w.perm is not None, HAS_BIAS=w.bias is not None, PARTIAL=splits > 1,
+            PER_SLOT=cfg.per_slot and slot_dots, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     if splits == 1:
         return out
     y = out.sum(0)  # [M, N] float32, slices added in a fixed order
