@@ -9,7 +9,8 @@ Reported: output tokens/s over the wall time of the run, time to first token (me
 from submission to the first output carrying a token) and the mean inter-token latency (per
 request (last - first output time) / (tokens - 1), averaged). Also the single-request fast
 path (CUDAGraphDecoder over a static cache, testing/gpu_model.bench_decode) at the same
-length, for the batch-1 comparison. `--tiny` runs a tiny random model instead (CPU smoke run).
+length, for the batch-1 comparison. `--kv-cache-dtype int8` runs the engine over an int8 KV
+pool (engine/paged_cache.py). `--tiny` runs a tiny random model instead (CPU smoke run).
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ class StepTimes:
 def profile_decode(engine: LLMEngine, batches: list[int], context: int) -> list[dict]:
     """Device time of one decode graph replay per batch size at `context` cached tokens per sequence,
     and of the paged attention alone (all layers). Overwrites pool blocks: run it last."""
+    from qwen_int4.engine.paged_cache import KVPool
     from qwen_int4.engine.paged_decode import decode_splits
     from qwen_int4.kernels.triton_paged import paged_decode_attention
 
@@ -132,10 +134,11 @@ def profile_decode(engine: LLMEngine, batches: list[int], context: int) -> list[
         splits = decode_splits(batch)
         def all_layers(q=q, tab=tab, lens=lens, splits=splits):
             for i in range(cfg.num_hidden_layers):
-                paged_decode_attention(q, pool.k[i], pool.v[i], tab, lens, splits)
+                paged_decode_attention(q, *pool.layer(i), tab, lens, splits)
 
         attention = events(all_layers, repeats=5)
-        kv_bytes = 2 * cfg.num_hidden_layers * batch * (context + 1) * cfg.num_attention_heads * cfg.head_dim * 2
+        kv_bytes = batch * (context + 1) * KVPool.bytes_per_block(  # keys, values (and int8 scales, zeros) read
+            cfg.num_hidden_layers, 1, cfg.num_attention_heads, cfg.head_dim, engine.model.dtype, pool.kv_cache_dtype)
         rows.append({"batch": batch, "context": context, "graph_replay_ms": replay, "attention_ms": attention,
                      "attention_GBps": kv_bytes / attention / 1e6})
         print(f"decode step B={batch:4d} ctx {context}: graph {replay:7.2f} ms, paged attention {attention:6.2f} ms "
@@ -144,25 +147,31 @@ def profile_decode(engine: LLMEngine, batches: list[int], context: int) -> list[
 
 
 @torch.inference_mode()
-def tune_attention(num_layers: int, heads: int, head_dim: int, cases: list[tuple[int, int]], block_size: int = 16):
+def tune_attention(num_layers: int, heads: int, head_dim: int, cases: list[tuple[int, int]], block_size: int = 16,
+                   kv_cache_dtype: str = "auto"):
     """Time the paged decode kernel's (tile, warps) choices at each (batch, context) (the engine uses
-    triton_paged.decode_launch_config, chosen from these figures)."""
+    triton_paged.decode_launch_config, chosen from these figures), over fp16 or int8 pools."""
+    from qwen_int4.engine.paged_cache import KVPool
     from qwen_int4.engine.paged_decode import decode_splits
     from qwen_int4.kernels import triton_paged as tp
 
-    configs = [(16, 2), (32, 4), (64, 4), (64, 8), (128, 8), (32, 8)]
+    configs = [(16, 2), (32, 2), (32, 4), (64, 4), (64, 8), (128, 8), (32, 8)]
     results = []
+    per_token = KVPool.bytes_per_block(num_layers, 1, heads, head_dim, torch.float16, kv_cache_dtype)
     for batch, context in cases:
         per_seq = -(-(context + 1) // block_size)
-        pool = [torch.randn(batch * per_seq, block_size, heads, head_dim, device="cuda", dtype=torch.float16)
-                for _ in range(2)]
+        kv = KVPool(1, batch * per_seq, block_size, heads, head_dim, torch.float16, torch.device("cuda"), kv_cache_dtype)
+        for t in (kv.k[0], kv.v[0], *(kv.meta[0] if kv.meta else ())):  # random keys, values, scales, zeros
+            t.copy_(torch.randint(0, 256, t.shape, device="cuda") if t.dtype == torch.uint8
+                    else torch.randn(t.shape, device="cuda") * (0.01 if kv.meta else 1))
+        pool = kv.layer(0)
         q = torch.randn(batch, heads, head_dim, device="cuda", dtype=torch.float16)
         tables = torch.arange(batch * per_seq, dtype=torch.int32, device="cuda").view(batch, per_seq)
         lens = torch.full((batch,), context + 1, dtype=torch.int32, device="cuda")
         for tile, warps in configs:
             def run(tile=tile, warps=warps, pool=pool, q=q, tables=tables, lens=lens, batch=batch):
                 for _ in range(num_layers):
-                    tp.paged_decode_attention(q, pool[0], pool[1], tables, lens, decode_splits(batch), tile, warps)
+                    tp.paged_decode_attention(q, *pool, tables, lens, decode_splits(batch), tile, warps)
 
             run()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -172,10 +181,10 @@ def tune_attention(num_layers: int, heads: int, head_dim: int, cases: list[tuple
             end.record()
             end.synchronize()
             ms = start.elapsed_time(end) / 3
-            gbps = 2 * num_layers * batch * (context + 1) * heads * head_dim * 2 / ms / 1e6
+            gbps = batch * (context + 1) * per_token / ms / 1e6
             results.append({"batch": batch, "context": context, "tile": tile, "warps": warps, "ms": ms, "GBps": gbps})
             print(f"paged attention B={batch} ctx={context} tile={tile} warps={warps}: {ms:.2f} ms ({gbps:.0f} GB/s)")
-        del pool
+        del pool, kv
     return results
 
 
@@ -208,6 +217,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--kv-cache-dtype", choices=("auto", "int8"), default="auto",
+                    help="the engine's KV pool: auto = the model's dtype (fp16), int8 = uint8 + scale/zero")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--profile-context", type=int, default=192, help="decode step profile context (0: skip)")
     ap.add_argument("--tune-attention", action="store_true", help="time the decode kernel's tile/warps first")
@@ -230,15 +241,18 @@ def main() -> None:
     if cuda and args.tune_attention:
         cfg = model.config
         report["attention_tuning"] = tune_attention(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.head_dim,
-                                                    [(256, 192), (64, 2100), (8, 2100)])
+                                                    [(256, 192), (64, 2100), (8, 2100)],
+                                                    kv_cache_dtype=args.kv_cache_dtype)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           gpu_memory_utilization=args.gpu_memory_utilization if cuda else None,
-                          kv_cache_gb=None if cuda else 0.25, cuda_graphs=not args.no_cuda_graphs)
+                          kv_cache_gb=None if cuda else 0.25, cuda_graphs=not args.no_cuda_graphs,
+                          kv_cache_dtype=args.kv_cache_dtype)
     engine = LLMEngine(model, QWenTokenizer(), config)
+    report["kv_cache_dtype"] = args.kv_cache_dtype
     report["kv_blocks"] = engine.pool.num_blocks
     report["setup_s"] = time.perf_counter() - t0
     print(f"{report['device']}: engine ready in {report['setup_s']:.1f} s, {engine.pool.num_blocks} KV blocks "
-          f"of {config.block_size}")
+          f"of {config.block_size} (kv_cache_dtype {args.kv_cache_dtype})")
     timer = StepTimes(engine)
     async_engine = AsyncEngine(engine)
     vocab = min(model.config.vocab_size, 151851)
@@ -259,7 +273,7 @@ def main() -> None:
             r["engine"] = timer.take()
             report["runs"].append(r)
             write_json(args.out, report)  # after every run: a timed-out benchmark keeps what it measured
-            print(f"N={n:4d} {prompt_len:5d}+{args.output}: {r['output_tok_s']:9.1f} out tok/s  "
+            print(f"N={n:4d} {prompt_len:5d}+{args.output} KV {args.kv_cache_dtype}: {r['output_tok_s']:9.1f} out tok/s  "
                   f"TTFT mean {r['ttft_mean_ms']:8.1f} p50 {r['ttft_p50_ms']:8.1f} p99 {r['ttft_p99_ms']:8.1f} ms  "
                   f"ITL {r['itl_mean_ms']:6.2f} ms  ({r['wall_s']:.2f} s)", flush=True)
             print("      engine per step (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in r["engine"].items()), flush=True)

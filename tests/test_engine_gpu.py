@@ -18,13 +18,15 @@ from qwen_int4.model.cache import KVCache
 
 
 @torch.inference_mode()
-def check_paged_decode_step(device: str) -> None:
-    """PagedDecodeStep (fused kernels, a padded batch) == the runner's model forward for one token each."""
+def check_paged_decode_step(device: str, kv_cache_dtype: str = "auto") -> None:
+    """PagedDecodeStep (fused kernels, a padded batch) == the runner's model forward for one token each,
+    over a model-dtype or an int8 pool (its kernels then quantize keys and dequantize the context)."""
     from qwen_int4.engine.paged_decode import PagedDecodeStep
     from qwen_int4.engine.runner import ModelRunner
 
     model = tiny_int4_model(device, layers=2)  # fp16, seq_length 16: positions past 16 get LogN
-    runner = ModelRunner(model, num_blocks=24, block_size=4, max_num_seqs=4, cuda_graphs=False)
+    runner = ModelRunner(model, num_blocks=24, block_size=4, max_num_seqs=4, cuda_graphs=False,
+                         kv_cache_dtype=kv_cache_dtype)
     g = torch.Generator().manual_seed(5)
     seqs, free = [], torch.randperm(24, generator=g).tolist()
     for i, n in enumerate((5, 9, 18)):
@@ -39,11 +41,16 @@ def check_paged_decode_step(device: str) -> None:
     step = PagedDecodeStep(model, runner.kv, max_batch=4, max_len=32)
     bs = runner.block_size
     positions = [seq.num_computed for seq in seqs]
-    step.write_inputs(4, [seq.output_ids[-1] for seq in seqs], positions,
-                      [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)],
-                      [seq.block_table for seq in seqs])
+    slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
+    for keys, values, meta in (runner.kv.layer(i) for i in range(2)):  # forget the eager step's writes
+        for t in (keys, values, *(meta or ())):
+            t.view(-1, *t.shape[2:])[slots] = 0
+    step.write_inputs(4, [seq.output_ids[-1] for seq in seqs], positions, slots, [seq.block_table for seq in seqs])
     fused = step(4)[:3].float()  # row 3 is padding
+    for keys, _, _ in (runner.kv.layer(i) for i in range(2)):  # the fused step wrote its keys
+        assert keys.view(-1, *keys.shape[2:])[slots].any()
     rel = float((fused - eager).norm() / eager.norm())
+    print(f"fused decode step ({kv_cache_dtype} pool) vs the model forward: rel err {rel:.2e}")
     assert rel < 1e-2, rel
 
 

@@ -11,10 +11,16 @@ import pytest
 import torch
 from _triton import run_under_triton_interpreter
 
+from qwen_int4.kernels.triton_decode import (
+    dequantize_kv_reference,
+    quantize_kv_reference,
+)
 from qwen_int4.kernels.triton_paged import (
+    gather_slots,
     paged_decode_attention_reference,
     rope_write_paged_reference,
     varlen_attention_reference,
+    write_paged_reference,
 )
 from qwen_int4.model.rope import RotaryEmbedding, apply_rotary
 
@@ -53,7 +59,7 @@ def test_paged_decode_reference_equals_dense_attention():
     lengths = [1, 7, 12, 5]
     k_pool, v_pool, tables, contiguous = paged_pool(lengths, torch.float32, "cpu")
     q = torch.randn(len(lengths), H, D)
-    out = paged_decode_attention_reference(q, k_pool, v_pool, tables, torch.tensor(lengths, dtype=torch.int32))
+    out = paged_decode_attention_reference(q, k_pool, v_pool, None, tables, torch.tensor(lengths, dtype=torch.int32))
     for b, (k, v) in enumerate(contiguous):
         torch.testing.assert_close(out[b].double(), dense_attention(q[b:b + 1], k, v, False)[0], rtol=1e-5, atol=1e-5)
 
@@ -78,7 +84,7 @@ def test_rope_write_reference_rotates_scales_and_stores():
     logn = torch.rand(N) + 0.5
     slots = torch.tensor([3, 0, 9, 15, 6])
     k_pool, v_pool = torch.zeros(num_blocks, BS, H, D), torch.zeros(num_blocks, BS, H, D)
-    q = rope_write_paged_reference(qkv, cos[positions], sin[positions], logn, slots, k_pool, v_pool, H)
+    q = rope_write_paged_reference(qkv, cos[positions], sin[positions], logn, slots, k_pool, v_pool, None, H)
     q0, k0, v0 = qkv.view(N, 3, H, D).unbind(1)
     c, s = cos[positions][None, :, None], sin[positions][None, :, None]  # [1, N, 1, D]
     torch.testing.assert_close(q, apply_rotary(q0[None], c, s)[0] * logn[:, None, None])
@@ -89,20 +95,67 @@ def test_rope_write_reference_rotates_scales_and_stores():
     assert k_pool.view(-1, H, D)[untouched].abs().sum() == 0
 
 
+def test_int8_references_equal_attention_over_dequantized_keys():
+    lengths = [1, 7, 12, 5]
+    k_pool, v_pool, tables, contiguous = paged_pool(lengths, torch.float32, "cpu", seed=4)
+    (kq, ks, kz), (vq, vs, vz) = quantize_kv_reference(k_pool), quantize_kv_reference(v_pool)
+    q = torch.randn(len(lengths), H, D)
+    out = paged_decode_attention_reference(q, kq, vq, (ks, kz, vs, vz), tables, torch.tensor(lengths))
+    for b, (k, v) in enumerate(contiguous):
+        k8, v8 = (dequantize_kv_reference(*quantize_kv_reference(x), torch.float64) for x in (k, v))
+        torch.testing.assert_close(out[b].double(), dense_attention(q[b:b + 1], k8, v8, False)[0], rtol=1e-5,
+                                   atol=1e-5)
+        exact = dense_attention(q[b:b + 1], k, v, False)[0]
+        rel = float((out[b].double() - exact).norm() / exact.norm())
+        print(f"int8 paged attention, context {lengths[b]}: rel err {rel:.2e} vs fp32 keys/values")
+        assert 0 < rel < 1e-2
+
+
+def test_int8_rope_write_reference_stores_the_quantized_keys():
+    N, num_blocks = 5, 4
+    qkv = torch.randn(N, 3 * H * D)
+    positions = torch.tensor([0, 9, 3, 14, 2])
+    cos, sin = RotaryEmbedding(D, 10000.0).table(1.0, 16, "cpu")
+    slots = torch.tensor([3, 0, 9, 15, 6])
+    pools = [torch.zeros(num_blocks, BS, H, D, dtype=torch.uint8) for _ in range(2)]
+    meta = tuple(torch.zeros(num_blocks, BS, H) for _ in range(4))
+    rope_write_paged_reference(qkv, cos[positions], sin[positions], None, slots, *pools, meta, H)
+    _, k0, v0 = qkv.view(N, 3, H, D).unbind(1)
+    k_rot = apply_rotary(k0[None], cos[positions][None, :, None], sin[positions][None, :, None])[0]
+    for pool, scale_zero, x in ((pools[0], meta[:2], k_rot), (pools[1], meta[2:], v0)):
+        back = gather_slots(pool, scale_zero, slots, torch.float32)  # [N, H, D]
+        step = scale_zero[0].view(-1, H)[slots]  # [N, H]: one quantization step per token and head
+        assert ((back - x).abs() <= step[..., None] / 2 + 1e-6).all()  # rounded to the nearest level
+        assert float((back - x).norm() / x.norm()) < 1e-2
+
+
 def check_kernels(device: str) -> None:
     """Each kernel against its reference at small odd shapes (fp16 pools, fp32 math)."""
-    from qwen_int4.kernels.triton_paged import paged_decode_attention, rope_write_paged
+    from qwen_int4.kernels.triton_paged import (
+        paged_decode_attention,
+        quantize_write_paged,
+        rope_write_paged,
+    )
 
     torch.manual_seed(1)
     lengths = [1, 13, 4, 30, 9]
     k_pool, v_pool, tables, _ = paged_pool(lengths, torch.float16, device, seed=2)
     lens = torch.tensor(lengths, dtype=torch.int32, device=device)
     q = torch.randn(len(lengths), H, D, device=device).half()
-    ref = paged_decode_attention_reference(q.cpu().float(), k_pool.cpu().float(), v_pool.cpu().float(),
+    ref = paged_decode_attention_reference(q.cpu().float(), k_pool.cpu().float(), v_pool.cpu().float(), None,
                                            tables.cpu(), lens.cpu())
     for splits, tile in ((1, 8), (4, 8), (2, 16), (1, None), (4, None)):  # None: the launch default
-        out = paged_decode_attention(q, k_pool, v_pool, tables, lens, splits=splits, tile=tile)
+        out = paged_decode_attention(q, k_pool, v_pool, None, tables, lens, splits=splits, tile=tile)
         torch.testing.assert_close(out.cpu().float(), ref, rtol=2e-3, atol=2e-3)
+    # uint8 pools: the kernel dequantizes (to fp32) as the reference does
+    (kq, ks, kz), (vq, vs, vz) = quantize_kv_reference(k_pool), quantize_kv_reference(v_pool)
+    meta = (ks, kz, vs, vz)  # [blocks, BS, H] float32 each
+    ref8 = paged_decode_attention_reference(q.cpu().float(), kq.cpu(), vq.cpu(), tuple(m.cpu() for m in meta),
+                                            tables.cpu(), lens.cpu())
+    assert (ref8 - ref).abs().max() > 1e-4  # quantization changed the output: the int8 path is exercised
+    for splits, tile in ((1, 8), (4, 8), (1, None), (4, None)):
+        out = paged_decode_attention(q, kq, vq, meta, tables, lens, splits=splits, tile=tile)
+        torch.testing.assert_close(out.cpu().float(), ref8, rtol=2e-3, atol=2e-3)
 
     N = 6
     qkv = torch.randn(N, 3 * H * D, device=device).half()
@@ -112,11 +165,36 @@ def check_kernels(device: str) -> None:
     logn = (torch.rand(N) + 0.5).to(device)
     slots = torch.tensor([3, 0, 9, 15, 6, 22], device=device)
     pools = [torch.zeros(6, BS, H, D, device=device).half() for _ in range(4)]
-    q_ref = rope_write_paged_reference(qkv, cos, sin, logn, slots, pools[0], pools[1], H)
-    q_out = rope_write_paged(qkv, cos, sin, logn, slots.to(torch.int32), pools[2], pools[3], H)
+    q_ref = rope_write_paged_reference(qkv, cos, sin, logn, slots, pools[0], pools[1], None, H)
+    q_out = rope_write_paged(qkv, cos, sin, logn, slots.to(torch.int32), pools[2], pools[3], None, H)
     torch.testing.assert_close(q_out, q_ref, rtol=0, atol=1e-3)  # same fp32 math, same fp16 roundings
     torch.testing.assert_close(pools[2], pools[0], rtol=0, atol=1e-3)
     assert torch.equal(pools[3], pools[1])
+    # into uint8 pools: k, v quantized with their scales and zeros, as the reference quantizer
+    pools8 = [torch.zeros(6, BS, H, D, dtype=torch.uint8, device=device) for _ in range(4)]
+    metas = [tuple(torch.zeros(6, BS, H, device=device) for _ in range(4)) for _ in range(2)]
+    q_ref = rope_write_paged_reference(qkv, cos, sin, logn, slots, pools8[0], pools8[1], metas[0], H)
+    q_out = rope_write_paged(qkv, cos, sin, logn, slots.to(torch.int32), pools8[2], pools8[3], metas[1], H)
+    torch.testing.assert_close(q_out, q_ref, rtol=0, atol=1e-3)
+    for ref_pool, out_pool in ((pools8[0], pools8[2]), (pools8[1], pools8[3])):
+        assert (out_pool.int() - ref_pool.int()).abs().max() <= 1  # float rounding at .5
+    for ref_meta, out_meta in zip(metas[0], metas[1]):
+        torch.testing.assert_close(out_meta, ref_meta, rtol=1e-3, atol=1e-4)  # k: fp16 rotation roundings
+    written = torch.zeros(6 * BS, dtype=torch.bool, device=device)
+    written[slots] = True
+    assert metas[1][0].view(-1, H)[written].min() > 0 and not pools8[2].view(-1, H, D)[~written].any()
+    # the eager steps' store into uint8 pools: k rows contiguous, v rows strided (a view of fused qkv rows)
+    k = torch.randn(N, H, D, device=device).half()
+    v = qkv.view(N, 3, H, D)[:, 2]
+    pools8 = [torch.zeros(6, BS, H, D, dtype=torch.uint8, device=device) for _ in range(4)]
+    metas = [tuple(torch.zeros(6, BS, H, device=device) for _ in range(4)) for _ in range(2)]
+    write_paged_reference(k, v, slots, pools8[0], pools8[1], metas[0])
+    quantize_write_paged(k, v, slots.to(torch.int32), pools8[2], pools8[3], metas[1])
+    for ref_pool, out_pool in ((pools8[0], pools8[2]), (pools8[1], pools8[3])):
+        assert (out_pool.int() - ref_pool.int()).abs().max() <= 1  # float rounding at .5
+    for ref_meta, out_meta in zip(metas[0], metas[1]):
+        torch.testing.assert_close(out_meta, ref_meta)
+    assert not pools8[3].view(-1, H, D)[~written].any() and metas[1][2].view(-1, H)[written].min() > 0
 
 
 def test_kernels_in_triton_interpreter():

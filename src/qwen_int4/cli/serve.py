@@ -5,6 +5,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..engine.paged_cache import KV_CACHE_DTYPES
 from .common import add_model_args, demo_checkpoint
 
 
@@ -19,6 +20,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     kv.add_argument("--gpu-memory-utilization", type=float, default=None,
                     help="CUDA: fraction of the card's memory for weights + activations + KV cache (default 0.9)")
     kv.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache size in GiB (CPU default: 1)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="KV cache storage: auto = the model's dtype; int8 = uint8 with a scale and zero per token "
+                        "and head (~1.9x the blocks in the same memory, half the bytes read per decode step; "
+                        "default auto)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
     p.add_argument("--max-num-seqs", type=int, default=128, help="most sequences in a batch (default 128)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -41,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     names = args.served_model_name or [Path(str(path)).name]
     config = EngineConfig(
         block_size=args.block_size, kv_cache_gb=args.kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
     )

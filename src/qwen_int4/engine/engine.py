@@ -31,12 +31,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class EngineConfig:
     """Engine sizes. The KV cache: num_blocks if given, else from kv_cache_gb, else (CUDA) a
-    fraction gpu_memory_utilization of the card; see runner.num_kv_blocks."""
+    fraction gpu_memory_utilization of the card; see runner.num_kv_blocks. kv_cache_dtype: "auto"
+    (the model's dtype) or "int8" (engine/paged_cache.py)."""
 
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_gb: float | None = None
     gpu_memory_utilization: float | None = None
+    kv_cache_dtype: str = "auto"
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: config.max_position_embeddings
@@ -53,7 +55,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.config = config = config or EngineConfig()
         num_blocks = config.num_blocks or num_kv_blocks(
-            model, config.block_size, config.kv_cache_gb, config.gpu_memory_utilization, config.max_num_batched_tokens)
+            model, config.block_size, config.kv_cache_gb, config.gpu_memory_utilization, config.max_num_batched_tokens,
+            config.kv_cache_dtype)
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
         context = config.max_model_len or model.config.max_position_embeddings
         capacity = num_blocks * config.block_size
@@ -62,7 +65,7 @@ class LLMEngine:
                         capacity, context, capacity)
         self.max_model_len = min(context, capacity)
         self.runner = ModelRunner(model, num_blocks, config.block_size, config.max_num_seqs, self.max_model_len,
-                                  config.cuda_graphs)
+                                  config.cuda_graphs, config.kv_cache_dtype)
         self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
         self.eos_token_id = model.generation_config.eos_token_id
         self.async_decode = config.async_decode if config.async_decode is not None else model.device.type == "cuda"

@@ -4,9 +4,9 @@ per batch-size bucket.
 `PagedDecodeStep` is model/qwen.py's forward for one new token per sequence over the paged KV
 pool, the same modules and weights (GPTQ linears run their kernels), the glue fused: RMSNorm
 with the residual add, RoPE + KV write, SwiGLU (kernels/triton_decode.py), paged decode
-attention (kernels/triton_paged.py). It mirrors engine/cuda_graph.py's DecodeStep, whose cache
-is static; here every row has its own position, slot and block table, read from one int32
-buffer on the device, so a captured graph serves every step.
+attention (kernels/triton_paged.py; model-dtype or int8 pools). It mirrors engine/cuda_graph.py's
+DecodeStep, whose cache is static; here every row has its own position, slot and block table,
+read from one int32 buffer on the device, so a captured graph serves every step.
 
 `DecodeGraphs` captures the step at bucketed batch sizes (1, 2, 4, ... up to max_num_seqs); a
 step of n sequences replays the smallest bucket >= n, the padding rows writing and reading the
@@ -102,8 +102,9 @@ class PagedDecodeStep:
         y, x = add_rms_norm(x, None, t.h[0].ln_1.weight, eps)
         for i, block in enumerate(t.h):
             qkv = block.attn.c_attn(y)  # [B, 3 * hidden]
-            q = rope_write_paged(qkv, cos, sin, logn, slots, pool.k[i], pool.v[i], heads)  # [B, H, D]
-            o = paged_decode_attention(q, pool.k[i], pool.v[i], tables, lens, decode_splits(batch))  # [B, H, D]
+            keys, values, meta = pool.layer(i)  # meta: scales and zeros of an int8 pool, else None
+            q = rope_write_paged(qkv, cos, sin, logn, slots, keys, values, meta, heads)  # [B, H, D]
+            o = paged_decode_attention(q, keys, values, meta, tables, lens, decode_splits(batch))  # [B, H, D]
             y, x = add_rms_norm(block.attn.c_proj(o.view(batch, -1)), x, block.ln_2.weight, eps)  # x += attn
             m = block.mlp.c_proj(swiglu_mlp(block.mlp, y))
             norm = t.h[i + 1].ln_1.weight if i + 1 < len(t.h) else t.ln_f.weight

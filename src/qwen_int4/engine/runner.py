@@ -23,8 +23,9 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 
 def num_kv_blocks(model: torch.nn.Module, block_size: int, kv_cache_gb: float | None = None,
-                  gpu_memory_utilization: float | None = None, max_num_batched_tokens: int = 2048) -> int:
-    """How many KV blocks to allocate.
+                  gpu_memory_utilization: float | None = None, max_num_batched_tokens: int = 2048,
+                  kv_cache_dtype: str = "auto") -> int:
+    """How many KV blocks to allocate (of KVPool.bytes_per_block each: int8 blocks are ~half as big).
 
     --kv-cache-gb wins when given. Otherwise on CUDA: the fraction `gpu_memory_utilization`
     of the card's memory, minus what is in use (weights, other processes) and the peak of a
@@ -32,7 +33,7 @@ def num_kv_blocks(model: torch.nn.Module, block_size: int, kv_cache_gb: float | 
     """
     cfg = model.config
     per_block = KVPool.bytes_per_block(cfg.num_hidden_layers, block_size, cfg.num_attention_heads,
-                                       cfg.head_dim, model.dtype)
+                                       cfg.head_dim, model.dtype, kv_cache_dtype)
     if kv_cache_gb is None and model.device.type == "cuda":
         util = gpu_memory_utilization if gpu_memory_utilization is not None else DEFAULT_GPU_MEMORY_UTILIZATION
         if not 0.0 < util <= 1.0:
@@ -88,13 +89,13 @@ class ModelRunner:
     """Owns the KV pool (and on CUDA the decode graphs) and runs the model on the scheduled tokens."""
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, max_num_seqs: int = 128,
-                 max_model_len: int | None = None, cuda_graphs: bool = True) -> None:
+                 max_model_len: int | None = None, cuda_graphs: bool = True, kv_cache_dtype: str = "auto") -> None:
         cfg = model.config
         self.model = model
         self.device = model.device
         self.block_size = block_size
         self.kv = KVPool(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_attention_heads, cfg.head_dim,
-                         model.dtype, model.device)
+                         model.dtype, model.device, kv_cache_dtype)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and graph_decode_problem(model) is None:  # CUDA, Triton, fp16/bf16, capturable kernels
             max_len = max_model_len or cfg.max_position_embeddings

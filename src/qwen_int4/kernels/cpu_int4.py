@@ -38,7 +38,12 @@ from typing import NamedTuple
 import torch
 
 from qwen_int4.kernels.registry import GPTQKernel
-from qwen_int4.quant.gptq import act_order_perm, pack_codes_u8, unpack_codes_u8, unpack_int32
+from qwen_int4.quant.gptq import (
+    act_order_perm,
+    pack_codes_u8,
+    unpack_codes_u8,
+    unpack_int32,
+)
 
 TINYGEMM_GROUPS = (256, 128, 64, 32)  # group sizes the CPU op accepts, largest first
 

@@ -9,7 +9,12 @@ step: nothing here reads a Python int that changes from step to step.
   written into the cache at `pos` (fp16, or int8 with a scale and zero per token and head).
 * `decode_attention`: one query per (row, head) over cache positions [start_b, pos]: split-KV
   ("flash decoding") partials, then a combine kernel.
-* `swiglu`: w1(x) * silu(w2(x)) from the two projections.
+* `swiglu`: w1(x) * silu(w2(x)) from the two projections; `swiglu_mlp` runs both projections
+  and the SwiGLU in one GEMV launch when it can (triton_gptq_gemv.gptq_dual_gemv).
+
+Every kernel takes `PDL` (kernels/pdl.py): launched with Programmatic Dependent Launch on
+Hopper, it lets the next kernel start early and waits for the previous one before it reads an
+activation, the cache or the position, or writes anything.
 """
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .triton_gptq import gated_gemv
+from .pdl import gdc_launch_dependents, gdc_wait, pdl_enabled
+from .triton_gptq import TritonGPTQKernel, gated_gemv
+from .triton_gptq_gemv import dual_gemv_problem, gptq_dual_gemv
 
 try:
     import triton
@@ -78,10 +85,16 @@ def decode_attention_reference(
 if triton is not None:
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr):
+    def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, n, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+                             PDL: tl.constexpr):
+        if PDL:
+            gdc_launch_dependents()
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         ok = offs < n
+        w = tl.load(w_ptr + offs, mask=ok, other=0.0)  # the norm's weight: a constant, read before the wait
+        if PDL:
+            gdc_wait()
         x = tl.load(x_ptr + row * n + offs, mask=ok, other=0.0)
         if HAS_RES:
             x = x + tl.load(res_ptr + row * n + offs, mask=ok, other=0.0)  # in the activation dtype
@@ -89,7 +102,6 @@ if triton is not None:
         x32 = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x32 * x32, axis=0) / n + eps)
         normed = (x32 * rstd).to(x.dtype)
-        w = tl.load(w_ptr + offs, mask=ok, other=0.0)
         tl.store(y_ptr + row * n + offs, (normed * w).to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -139,9 +151,12 @@ if triton is not None:
         qkv_ptr, cos_ptr, sin_ptr, logn_ptr, pos_ptr, q_out_ptr,
         k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
         H, stride_qkv, stride_cb, stride_cs, stride_sb, stride_ss,
-        D: tl.constexpr, HAS_LOGN: tl.constexpr, INT8: tl.constexpr,
+        D: tl.constexpr, HAS_LOGN: tl.constexpr, INT8: tl.constexpr, PDL: tl.constexpr,
     ):
         """One (row b, head h): rotate q and k at position pos (fp32, as apply_rotary), write k, v."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0) // H
         h = tl.program_id(0) % H
         pos = tl.load(pos_ptr)
@@ -149,16 +164,23 @@ if triton is not None:
         d = tl.arange(0, HALF)
         ko1, ko2, v1, v2 = _rope_head(qkv_ptr + b * stride_qkv + h * D, cos_ptr + pos * D, sin_ptr + pos * D,
                                       logn_ptr + pos, q_out_ptr + (b * H + h) * D, H * D, HALF, HAS_LOGN)
-        cache = b * stride_cb + pos * stride_cs + h * D
+        _store_kv_head(ko1, ko2, v1, v2, k_ptr, v_ptr, b * stride_cb + pos * stride_cs + h * D,
+                       ks_ptr, kz_ptr, vs_ptr, vz_ptr, b * stride_sb + pos * stride_ss + h, d, INT8)
+
+    @triton.jit
+    def _store_kv_head(ko1, ko2, v1, v2, k_ptr, v_ptr, at, ks_ptr, kz_ptr, vs_ptr, vz_ptr, meta, d,
+                       INT8: tl.constexpr):
+        """One head's rotated key halves and value halves stored at element `at` of the caches: as they
+        are, or (INT8) quantized with their scale and zero at element `meta` of the meta tensors."""
         if INT8:
-            meta = b * stride_sb + pos * stride_ss + h
-            _quant_store(ko1.to(tl.float32), ko2.to(tl.float32), k_ptr + cache, ks_ptr + meta, kz_ptr + meta, d)
-            _quant_store(v1.to(tl.float32), v2.to(tl.float32), v_ptr + cache, vs_ptr + meta, vz_ptr + meta, d)
+            _quant_store(ko1.to(tl.float32), ko2.to(tl.float32), k_ptr + at, ks_ptr + meta, kz_ptr + meta, d)
+            _quant_store(v1.to(tl.float32), v2.to(tl.float32), v_ptr + at, vs_ptr + meta, vz_ptr + meta, d)
         else:
-            tl.store(k_ptr + cache + d, ko1)
-            tl.store(k_ptr + cache + HALF + d, ko2)
-            tl.store(v_ptr + cache + d, v1)
-            tl.store(v_ptr + cache + HALF + d, v2)
+            half = d.shape[0]
+            tl.store(k_ptr + at + d, ko1)
+            tl.store(k_ptr + at + half + d, ko2)
+            tl.store(v_ptr + at + d, v1)
+            tl.store(v_ptr + at + half + d, v2)
 
     @triton.jit
     def _online_softmax_step(q, k, v, ok, m, l, acc):
@@ -185,8 +207,12 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, pos_ptr, start_ptr, part_ptr,
         H, stride_cb, stride_cs, stride_sb, stride_ss, sm_scale,
         SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr, INT8: tl.constexpr, HAS_START: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Online softmax of one (row, head) over its share of positions [start, pos]: (acc [D], m, l)."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // H
@@ -219,8 +245,11 @@ if triton is not None:
         _store_partial(part_ptr + (bh * SPLITS + split) * (D + 2), d, acc, m, l)
 
     @triton.jit
-    def _attention_combine_kernel(part_ptr, out_ptr, SPLITS: tl.constexpr, D: tl.constexpr):
+    def _attention_combine_kernel(part_ptr, out_ptr, SPLITS: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
         """Merge the SPLITS partials of one (row, head): out = sum_i e^(m_i - M) acc_i / sum_i e^(m_i - M) l_i."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         bh = tl.program_id(0)
         i = tl.arange(0, SPLITS)
         d = tl.arange(0, D)
@@ -234,7 +263,10 @@ if triton is not None:
         tl.store(out_ptr + bh * D + d, o.to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def _swiglu_kernel(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    def _swiglu_kernel(a_ptr, b_ptr, out_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < n
         a = tl.load(a_ptr + offs, mask=ok, other=0.0)
@@ -253,8 +285,10 @@ def add_rms_norm(
     rows, n = x.shape
     y = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else x
+    pdl = pdl_enabled(x.device)
     _add_rms_norm_kernel[(rows,)](x, residual if residual is not None else x, weight, y, h, n, eps,
-                                  BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, num_warps=8)
+                                  BLOCK=triton.next_power_of_2(n), HAS_RES=residual is not None, PDL=pdl, num_warps=8,
+                                  launch_pdl=pdl)
     return y, h
 
 
@@ -272,11 +306,12 @@ def rope_write_kv(
     q = torch.empty(B, num_heads, D, dtype=qkv.dtype, device=qkv.device)
     int8 = meta is not None
     ks, kz, vs, vz = meta if int8 else (qkv,) * 4
+    pdl = pdl_enabled(qkv.device)
     _rope_write_kv_kernel[(B * num_heads,)](
         qkv, cos, sin, logn if logn is not None else cos, pos, q, cache_k, cache_v, ks, kz, vs, vz,
         num_heads, qkv.stride(0), cache_k.stride(0), cache_k.stride(1),
         ks.stride(0) if int8 else 0, ks.stride(1) if int8 else 0,
-        D=D, HAS_LOGN=logn is not None, INT8=int8, num_warps=1,
+        D=D, HAS_LOGN=logn is not None, INT8=int8, PDL=pdl, num_warps=1, launch_pdl=pdl,
     )
     return q
 
@@ -291,13 +326,14 @@ def decode_attention(
     out = torch.empty(B, H * D, dtype=q.dtype, device=q.device)
     int8 = meta is not None
     ks, kz, vs, vz = meta if int8 else (q,) * 4
+    pdl = pdl_enabled(q.device)
     _attention_partial_kernel[(B * H, splits)](
         q, cache_k, cache_v, ks, kz, vs, vz, pos, start if start is not None else pos, part,
         H, cache_k.stride(0), cache_k.stride(1), ks.stride(0) if int8 else 0, ks.stride(1) if int8 else 0,
         1.0 / math.sqrt(D), SPLITS=splits, D=D, BLOCK_S=block_s, INT8=int8, HAS_START=start is not None,
-        num_warps=4,
+        PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
-    _attention_combine_kernel[(B * H,)](part, out, SPLITS=splits, D=D, num_warps=4)
+    _attention_combine_kernel[(B * H,)](part, out, SPLITS=splits, D=D, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
 
 
@@ -305,13 +341,30 @@ def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a * silu(b) (the model's w1(x) * F.silu(w2(x)))."""
     out = torch.empty_like(a)
     n = a.numel()
-    _swiglu_kernel[(triton.cdiv(n, 1024),)](a, b, out, n, BLOCK=1024, num_warps=4)
+    pdl = pdl_enabled(a.device)
+    _swiglu_kernel[(triton.cdiv(n, 1024),)](a, b, out, n, BLOCK=1024, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
 
 
+def _dual_gemv(mlp: torch.nn.Module, y: torch.Tensor) -> torch.Tensor | None:
+    """w1(y) * silu(w2(y)) in one GEMV launch when y is one row and w1, w2 run triton-gptq in the
+    same format (`dual_gemv_problem`); None otherwise."""
+    k1, k2 = getattr(mlp.w1, "kernel", None), getattr(mlp.w2, "kernel", None)
+    if not (isinstance(k1, TritonGPTQKernel) and isinstance(k2, TritonGPTQKernel)) or y.numel() != y.shape[-1]:
+        return None
+    w1, w2 = k1.weights(mlp.w1), k2.weights(mlp.w2)
+    if dual_gemv_problem(w1, w2) is not None:
+        return None
+    return gptq_dual_gemv(y.reshape(1, -1), w1, w2).view(*y.shape[:-1], w1.out_features)
+
+
 def swiglu_mlp(mlp: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """The MLP's w1(y) * silu(w2(y)) [B, ffn] for a decode step: in w2's GEMV epilogue when w2 runs
-    triton-gptq on one row (one launch less, same rounding), else `swiglu` of the two outputs."""
+    """The MLP's w1(y) * silu(w2(y)) [B, ffn] for a decode step, rounded as the model does: one launch
+    for both GEMVs when they can share one (`_dual_gemv`), else in w2's GEMV epilogue when w2 runs
+    triton-gptq on one row, else `swiglu` of the two outputs."""
+    fused = _dual_gemv(mlp, y)
+    if fused is not None:
+        return fused
     a = mlp.w1(y)
     fused = gated_gemv(mlp.w2, y, a)
     return fused if fused is not None else swiglu(a, mlp.w2(y))

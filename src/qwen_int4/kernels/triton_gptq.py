@@ -5,13 +5,16 @@ The layout the kernels read is made once at load (kernels/gptq_layout.py); `gptq
 the kernel by the number of rows of x:
 
 * 1 row (batch-1 decode): `gptq_gemv` (triton_gptq_gemv.py), CUDA cores, streams the weights.
-* up to GEMM_MAX_ROWS rows (batched decode): `gptq_gemm` (triton_gptq_gemm.py), tensor cores.
+* up to GEMM_MAX_ROWS rows (batched decode): `gptq_gemm` (triton_gptq_gemm.py), tensor cores,
+  where `gemm_beats_dequant` says so.
 * more (prefill): `gptq_dequantize` W [N, k] for a block of K, then cuBLAS, accumulating the
   K blocks into the output, so the fp16 scratch is bounded (DEQUANT_SCRATCH weights).
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +26,11 @@ from qwen_int4.kernels.gptq_layout import (
     to_kernel_layout,
 )
 from qwen_int4.kernels.registry import GPTQKernel
-from qwen_int4.kernels.triton_gptq_gemm import gptq_dequantize, gptq_gemm
+from qwen_int4.kernels.triton_gptq_gemm import (
+    gemm_beats_dequant,
+    gptq_dequantize,
+    gptq_gemm,
+)
 from qwen_int4.kernels.triton_gptq_gemv import gptq_gemv
 
 try:
@@ -31,10 +38,8 @@ try:
 except ImportError:  # CPU-only install: `unavailable_reason` says so
     triton = None
 
-# rows of x up to which the fused GEMM is used: on an H100 at Qwen-7B shapes, c_attn takes 45 / 62 /
-# 71 us at 16 / 64 / 128 rows (dequantize + cuBLAS: 90 / 92 / 94 us), mlp.w1 43 / 59 / 69 (84 / 84 /
-# 85); at 256 rows dequantize + cuBLAS is faster (c_attn 97 against 108 us)
-GEMM_MAX_ROWS = 128
+# rows of x up to which the fused GEMM may be used (`gemm_beats_dequant` decides per shape)
+GEMM_MAX_ROWS = 256
 # Most weights dequantized at once for many rows (prefill): bigger linears are done in K blocks
 # (2048-token prefill of mlp.w1/w2 on a 7B model: 45 MB of scratch instead of 90 MB).
 DEQUANT_SCRATCH = 1 << 25
@@ -77,7 +82,7 @@ def gptq_linear(x: torch.Tensor, w: GPTQWeights) -> torch.Tensor:
     m = x2.shape[0]
     if m == 1:
         y = gptq_gemv(x2, w)
-    elif m <= GEMM_MAX_ROWS:
+    elif m <= GEMM_MAX_ROWS and gemm_beats_dequant(m, w.out_features, x2.device):
         y = gptq_gemm(x2, w)
     else:
         y = _dequant_matmul(x2, w)
@@ -91,6 +96,21 @@ def gated_gemv(layer: torch.nn.Module, x: torch.Tensor, gate: torch.Tensor) -> t
     if not isinstance(kernel, TritonGPTQKernel) or x.numel() != x.shape[-1]:
         return None
     return gptq_gemv(x.reshape(1, -1), kernel.weights(layer), gate=gate.reshape(1, -1)).view(gate.shape)
+
+
+# act-order permutations by value: layers quantized on the same input (mlp.w1 and mlp.w2) get the
+# same one, and sharing the tensor tells `gptq_dual_gemv` so without comparing them on the device
+_PERMS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _shared_perm(perm: torch.Tensor) -> torch.Tensor:
+    """An earlier layer's tensor equal to `perm` (same device), else perm, remembered (load time: syncs)."""
+    key = (str(perm.device), hashlib.sha1(perm.cpu().numpy().tobytes()).hexdigest())
+    shared = _PERMS.get(key)
+    if shared is not None and torch.equal(shared, perm):
+        return shared
+    _PERMS[key] = perm
+    return perm
 
 
 class TritonGPTQKernel(GPTQKernel):
@@ -117,6 +137,8 @@ class TritonGPTQKernel(GPTQKernel):
     def prepare(self, layer) -> None:
         w = to_kernel_layout(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bias,
                              layer.bits, layer.group_size)
+        if w.perm is not None:
+            w.perm = _shared_perm(w.perm)
         layer.register_buffer("triton_qweight", w.qweight, persistent=False)  # [N, K / P] int32
         layer.register_buffer("triton_scales", w.scales, persistent=False)  # [N, G]
         layer.register_buffer("triton_zeros", w.zeros, persistent=False)  # [N, G] uint8

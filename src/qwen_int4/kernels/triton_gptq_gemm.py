@@ -17,11 +17,13 @@ Layout: kernels/gptq_layout.py. Oracle: `dequantize_reference` there.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 
 from qwen_int4.kernels.gptq_layout import GPTQWeights
+from qwen_int4.kernels.triton_gptq_gemv import _half2_bits
 
 try:
     import triton
@@ -41,17 +43,25 @@ class GemmConfig:
     split_k: int = 1  # K slices; their float32 partials are summed in order (deterministic)
     per_slot: bool = True  # one tl.dot per value slot (K = words per unit) instead of one per unit
     wx: bool = False  # `_gemm_wx_kernel`: weights as the left operand, x gathered in slot order
+    pairs: bool = True  # wx with fp16 x on CUDA: packed-fp16 dequantization, one tl.dot per slot pair
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def default_gemm_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
-    """Launch parameters for x [m, K], from benchmarks/gptq_kernels.py --sweep on an H100 (c_attn):
-    the weights-left kernel with [BLOCK_N, BLOCK_M] tiles of [64, 16] up to 16 rows (44.8 us at 16
-    rows), [128, 64] up to 64 (61.5 us) and [128, 128] with 8 warps above (71.4 us at 128). K
-    slices (up to one per 1024 rows of K) for about eight programs per multiprocessor up to 64
-    rows; above, only where the tiles fill less than half of the multiprocessors."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    if m <= 64:
-        cfg, programs = GemmConfig(16, 64, 4, 3, wx=True) if m <= 16 else GemmConfig(64, 128, 4, 3, wx=True), 8 * sms
+    """Launch parameters for x [m, K], from benchmarks/gptq_kernels.py --sweep on an H100 (c_attn,
+    packed-fp16 pairs): the weights-left kernel with [BLOCK_N, BLOCK_M] tiles of [64, 16] up to 16
+    rows (30 us at 16 rows), [64, 64] up to 64 (42 us) and [128, 128] with 8 warps above (42 us at
+    128, 61 at 256). K slices (up to one per 1024 rows of K) for about eight programs per
+    multiprocessor up to 16 rows, four up to 64; above, only where the tiles fill less than half
+    of the multiprocessors."""
+    sms = _multiprocessors(device)
+    if m <= 16:
+        cfg, programs = GemmConfig(16, 64, 4, 3, wx=True), 8 * sms
+    elif m <= 64:
+        cfg, programs = GemmConfig(64, 64, 4, 3, wx=True), 4 * sms
     else:
         cfg, programs = GemmConfig(128, 128, 8, 3, wx=True), sms
     tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
@@ -59,7 +69,44 @@ def default_gemm_config(m: int, n: int, k: int, device: torch.device) -> GemmCon
     return GemmConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, split, True, True)
 
 
+def gemm_beats_dequant(m: int, n: int, device: torch.device) -> bool:
+    """Whether the fused GEMM (rather than dequantize + cuBLAS) should run x [m, K] @ W^T: always up to
+    128 rows; up to 256 where its [128, 128] tiles cover every multiprocessor without K slices (H100,
+    256 rows: c_attn 60 against 97 us, mlp.w1 61 against 88, but attn.c_proj 40 against 35 and
+    mlp.c_proj 107 against 99); above 256 rows (prefill) cuBLAS."""
+    if m <= 128:
+        return True
+    return m <= 256 and -(-n // 128) * -(-m // 128) >= _multiprocessors(device)
+
+
+def _pair_dequant_asm(bits: int) -> str:
+    """PTX: ($0, $1) = fp16 s (q - z) of the two values of a slot pair, slot p and slot H + p of word
+    $2 (16 bits apart: gptq_layout.py), with $3 = half2 (1 + zero + 1024), $4 = half2 (s, s), $5 = the
+    pair's shift (p bits): one shift and one LOP3 make fp16 1024 + q of both, then the exact
+    subtraction and one rounding, as a dequantized fp16 weight (the GEMV's half2 trick)."""
+    mask = "0x000F000F" if bits == 4 else "0x00FF00FF"
+    return ("{\n.reg .b32 t;\nshr.u32 t, $2, $5;\n"
+            f"lop3.b32 t, t, {mask}, 0x64006400, 0xEA;\n"
+            "sub.f16x2 t, t, $3;\nmul.f16x2 t, t, $4;\nmov.b32 {$0, $1}, t;\n}")
+
+
 if triton is not None:
+    _PAIR_ASM_INT4 = tl.constexpr(_pair_dequant_asm(4))
+    _PAIR_ASM_INT8 = tl.constexpr(_pair_dequant_asm(8))
+
+    @triton.jit
+    def _pair_weights(words, zz, ss, p: tl.constexpr, BITS: tl.constexpr):
+        """fp16 W [BN, 2 WPU] of slot pair p of `words` [BN, WPU]: column 2w + h is slot h H + p of
+        word w, i.e. input row p 2WPU + 2w + h of the unit; zz, ss [BN, 1] int32 half2 (see the asm)."""
+        shift = tl.full(words.shape, p * BITS, tl.int32)
+        if BITS == 4:
+            lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_INT4, "=h,=h,r,r,r,r", [words, zz, ss, shift],
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        else:
+            lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_INT8, "=h,=h,r,r,r,r", [words, zz, ss, shift],
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        w = tl.join(lo, hi)  # [BN, WPU, 2]
+        return tl.reshape(w, (words.shape[0], 2 * words.shape[1]))
 
     @triton.jit
     def _unit_words(qweight_ptr, scales_ptr, zeros_ptr, cols, n_ok, u, K_WORDS, GROUPS,
@@ -119,11 +166,15 @@ if triton is not None:
         M, N, K_WORDS, UNITS, GROUPS, stride_xm, stride_om, units_per_split,
         BITS: tl.constexpr, UNIT: tl.constexpr, UNITS_PER_GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+        PAIRS: tl.constexpr,
     ):
         """out[m, n] for one tile, as out^T [BLOCK_N, BLOCK_M] = W[cols] xs[rows]^T: the dequantized
         weights are the left operand (kept in registers by the tensor-core instruction), and xs is x
         in slot order (`slot_order`: slot j of unit u at columns u UNIT + j WPU ..), so each slot's
-        [BLOCK_M, WPU] tile of it is one contiguous load and no register shuffles are needed."""
+        [BLOCK_M, WPU] tile of it is one contiguous load and no register shuffles are needed.
+        PAIRS (fp16 x on CUDA): one tl.dot per slot pair instead, its [BN, 2 WPU] weights dequantized
+        in packed fp16 (`_pair_weights`); a pair covers 2 WPU consecutive input rows, so xs is x in
+        packed row order (no slot gather)."""
         P: tl.constexpr = 32 // BITS
         WPU: tl.constexpr = UNIT // P
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -131,12 +182,20 @@ if triton is not None:
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = cols < N
         offs_w = tl.arange(0, WPU)
+        offs_2w = tl.arange(0, 2 * WPU)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         u_lo = tl.program_id(2) * units_per_split
         for u in tl.range(u_lo, tl.minimum(u_lo + units_per_split, UNITS)):
             words, s, z = _unit_words(qweight_ptr, scales_ptr, zeros_ptr, cols, n_ok, u, K_WORDS, GROUPS,
                                       WPU, UNITS_PER_GROUP)
-            for j in tl.static_range(P):
+            if PAIRS:
+                zz = _half2_bits(z - 8388608.0 + 1024.0)  # 1024 + 1 + stored zero
+                ss = _half2_bits(s)
+                for p in tl.static_range(P // 2):
+                    xt = tl.load(xs_ptr + offs_m[None, :] * stride_xm + (u * UNIT + p * 2 * WPU + offs_2w)[:, None],
+                                 mask=m_ok[None, :], other=0.0)  # [2 WPU, BM]
+                    acc = tl.dot(_pair_weights(words, zz, ss, p, BITS), xt, acc)
+            for j in tl.static_range(0 if PAIRS else P):
                 xt = tl.load(xs_ptr + offs_m[None, :] * stride_xm + (u * UNIT + j * WPU + offs_w)[:, None],
                              mask=m_ok[None, :], other=0.0)  # [WPU, BM]
                 w = _slot_weights(words, s, z, j, BITS)  # [BN, WPU]
@@ -217,15 +276,26 @@ def slot_order(w: GPTQWeights, device: torch.device) -> torch.Tensor:
     return w.perm.index_select(0, order) if w.perm is not None else order
 
 
+def _use_pairs(x: torch.Tensor, w: GPTQWeights, cfg: GemmConfig) -> bool:
+    """The packed-fp16 pair path: inline PTX (CUDA, not the interpreter), fp16 x, K = 2 WPU >= 16."""
+    return (cfg.pairs and x.dtype == torch.float16 and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+            and w.unit * w.bits // 16 >= 16)
+
+
 def _launch_wx(x: torch.Tensor, w: GPTQWeights, cfg: GemmConfig, out: torch.Tensor, per_split: int, splits: int) -> None:
     m, n = x.shape[0], w.out_features
-    xs = x.index_select(1, slot_order(w, x.device))  # [M, K] in slot order
+    pairs = _use_pairs(x, w, cfg)
+    if pairs:  # [M, K] in packed row order
+        xs = x.index_select(1, w.perm) if w.perm is not None else x.contiguous()
+    else:  # [M, K] in slot order
+        xs = x.index_select(1, slot_order(w, x.device))
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), splits)
     _gemm_wx_kernel[grid](
         xs, w.qweight, w.scales, w.zeros, _stand_in(w.bias, w.scales), out,
         m, n, w.qweight.shape[1], w.in_features // w.unit, w.scales.shape[1], xs.stride(0), n, per_split,
         BITS=w.bits, UNIT=w.unit, UNITS_PER_GROUP=w.group_size // w.unit, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_BIAS=w.bias is not None, PARTIAL=splits > 1, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_BIAS=w.bias is not None, PARTIAL=splits > 1, PAIRS=pairs, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 

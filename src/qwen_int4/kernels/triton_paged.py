@@ -3,7 +3,9 @@
 Pool layout, per layer: keys and values [num_blocks, block_size, H, D]; the token at position p
 of a sequence lives in block `block_table[p // block_size]` at offset `p % block_size` (its flat
 slot is block * block_size + offset). The plain-PyTorch references are the CPU path and the
-kernels' test oracles.
+kernels' test oracles. Pools are fp16/bf16, or uint8 (the engine's kv_cache_dtype "int8") with
+`meta` = (k_scale, k_zero, v_scale, v_zero) [num_blocks, block_size, H] float32: the static
+cache's scheme (triton_decode.quantize_kv_reference, x ~ scale * (q - zero) per token and head).
 
 * `paged_decode_attention`: one query per sequence over its context positions [0, len): split-KV
   ("flash decoding") partials that read K/V through the block table, merged by triton_decode's
@@ -23,15 +25,19 @@ import torch
 import torch.nn.functional as F
 
 from ..model.rope import apply_rotary
+from .triton_decode import dequantize_kv_reference, quantize_kv_reference
 
 try:
     import triton
     import triton.language as tl
 
+    from .pdl import gdc_launch_dependents, gdc_wait, pdl_enabled
     from .triton_decode import (
         _attention_combine_kernel,
         _online_softmax_step,
+        _quant_store,
         _rope_head,
+        _store_kv_head,
         _store_partial,
     )
 except ImportError:  # the references below still work
@@ -39,21 +45,66 @@ except ImportError:  # the references below still work
 
 # ----------------------------------------------------------------------------- references
 
+Meta = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # int8 pools: k_scale, k_zero, v_scale, v_zero
+
+
+def store_slots(pool: torch.Tensor, scale_zero: tuple[torch.Tensor, ...] | None, slots: torch.Tensor,
+                x: torch.Tensor) -> None:
+    """Write x [N, H, D] at the flat `slots` [N] (long) of pool [blocks, block_size, H, D].
+
+    scale_zero None: x as is. Else (scale, zero) [blocks, block_size, H] float32 of a uint8 pool:
+    x quantized per token and head (triton_decode.quantize_kv_reference).
+    """
+    H, D = x.shape[-2:]
+    if scale_zero is None:
+        pool.view(-1, H, D).index_copy_(0, slots, x)
+        return
+    q, scale, zero = quantize_kv_reference(x)  # [N, H, D] uint8, [N, H] float32 twice
+    pool.view(-1, H, D).index_copy_(0, slots, q)
+    for dst, src in zip(scale_zero, (scale, zero)):
+        dst.view(-1, H).index_copy_(0, slots, src)
+
+
+def gather_slots(pool: torch.Tensor, scale_zero: tuple[torch.Tensor, ...] | None, slots: torch.Tensor,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The entries at flat `slots` [T] (long) of pool [blocks, block_size, H, D] -> [T, H, D] in dtype,
+    dequantized with scale_zero (see store_slots) when given."""
+    H, D = pool.shape[-2:]
+    x = pool.view(-1, H, D)[slots]  # [T, H, D]
+    if scale_zero is None:
+        return x.to(dtype)
+    scale, zero = (t.view(-1, H)[slots] for t in scale_zero)  # [T, H]
+    return dequantize_kv_reference(x, scale, zero, dtype)
+
+
+def write_paged_reference(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_pool: torch.Tensor,
+                          v_pool: torch.Tensor, meta: Meta | None) -> None:
+    """Store k, v [N, H, D] at the flat `slots` [N] of the pools: as they are, or quantized into uint8
+    pools with their meta (see paged_decode_attention_reference)."""
+    store_slots(k_pool, meta[:2] if meta is not None else None, slots.long(), k)
+    store_slots(v_pool, meta[2:] if meta is not None else None, slots.long(), v)
+
 
 def paged_decode_attention_reference(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: Meta | None, block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
 ) -> torch.Tensor:
     """q [B, H, D] over each sequence's first context_lens[b] pooled positions -> [B, H, D] in q's dtype.
 
-    k_pool, v_pool [num_blocks, block_size, H, D]; block_tables [B, max_blocks] int; context_lens [B] int.
+    k_pool, v_pool [num_blocks, block_size, H, D]; meta (k_scale, k_zero, v_scale, v_zero)
+    [num_blocks, block_size, H] float32 for uint8 pools, else None; block_tables [B, max_blocks]
+    int; context_lens [B] int. Keys and values are dequantized to float32, as the kernel does.
     """
-    _, H, D = q.shape
+    D = q.shape[-1]
     block_size = k_pool.shape[1]
+    k_meta, v_meta = (meta[:2], meta[2:]) if meta is not None else (None, None)
+    offsets = torch.arange(block_size, device=q.device)
     out = torch.empty_like(q)
     for b, n in enumerate(context_lens.tolist()):
         blocks = block_tables[b, : -(-n // block_size)].long()
-        k = k_pool[blocks].reshape(-1, H, D)[:n].transpose(0, 1).float()  # [H, n, D]
-        v = v_pool[blocks].reshape(-1, H, D)[:n].transpose(0, 1).float()  # [H, n, D]
+        slots = (blocks[:, None] * block_size + offsets).flatten()[:n]  # [n]
+        k = gather_slots(k_pool, k_meta, slots, torch.float32).transpose(0, 1)  # [H, n, D]
+        v = gather_slots(v_pool, v_meta, slots, torch.float32).transpose(0, 1)  # [H, n, D]
         o = F.scaled_dot_product_attention(q[b, :, None].float(), k, v, scale=1.0 / math.sqrt(D))  # [H, 1, D]
         out[b] = o[:, 0].to(q.dtype)
     return out
@@ -61,11 +112,12 @@ def paged_decode_attention_reference(
 
 def rope_write_paged_reference(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None, slots: torch.Tensor,
-    k_pool: torch.Tensor, v_pool: torch.Tensor, num_heads: int,
+    k_pool: torch.Tensor, v_pool: torch.Tensor, meta: Meta | None, num_heads: int,
 ) -> torch.Tensor:
     """qkv [N, 3 * H * D] -> rotated (and LogN-scaled) q [N, H, D]; rotated k and v stored at `slots` [N].
 
-    cos, sin [N, D] float32 (each row at its token's position); logn [N] float32 or None.
+    cos, sin [N, D] float32 (each row at its token's position); logn [N] float32 or None;
+    meta as paged_decode_attention_reference's (k, v quantized into uint8 pools), else None.
     """
     N = qkv.shape[0]
     q, k, v = qkv.view(N, 3, num_heads, -1).unbind(1)  # each [N, H, D]
@@ -73,9 +125,7 @@ def rope_write_paged_reference(
     k = apply_rotary(k[None], cos[None, :, None], sin[None, :, None])[0]
     if logn is not None:
         q = q * logn[:, None, None].type_as(q)
-    D = q.shape[-1]
-    k_pool.view(-1, num_heads, D).index_copy_(0, slots.long(), k)
-    v_pool.view(-1, num_heads, D).index_copy_(0, slots.long(), v)
+    write_paged_reference(k, v, slots, k_pool, v_pool, meta)
     return q
 
 
@@ -105,12 +155,33 @@ def varlen_attention_reference(
 if triton is not None:
 
     @triton.jit
+    def _online_softmax_step_int8(q, q_sum, k, v, ks, kz, vs, vz, ok, m, l, acc):
+        """triton_decode._online_softmax_step over uint8 tiles k, v [T, D] (as float32) whose rows are
+        x = scale * (x_q - zero) (ks, kz, vs, vz [T]), the dequantization folded into per-row terms:
+        q.k = ks (q.k_q - kz sum(q)) and sum_t p_t v_t = sum_t (p_t vs_t) v_q,t - sum_t p_t vs_t vz_t.
+        Two fewer operations per element than dequantizing the tiles (SASS, H100, tile 16 x 128 at 2
+        warps: 535 instructions per loop iteration instead of 631; fp16 tiles: 410)."""
+        scores = tl.where(ok, ks * (tl.sum(k * q[None, :], axis=1) - kz * q_sum), float("-inf"))  # [T]
+        m_new = tl.maximum(m, tl.max(scores, axis=0))
+        p = tl.exp(scores - m_new)
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, axis=0)
+        w = p * vs  # [T]
+        acc = acc * alpha + tl.sum(w[:, None] * v, axis=0) - tl.sum(w * vz, axis=0)
+        return m_new, l, acc
+
+    @triton.jit
     def _paged_decode_partial_kernel(
-        q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_ptr, out_ptr,
-        H, stride_table, stride_block, stride_tok, sm_scale,
-        SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+        q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, table_ptr, lens_ptr, part_ptr, out_ptr,
+        H, stride_table, stride_block, stride_tok, stride_mblock, stride_mtok, sm_scale,
+        SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, INT8: tl.constexpr,
+        PDL: tl.constexpr,
     ):
-        """Online softmax of one (sequence, head) over its share of positions [0, len): (acc [D], m, l)."""
+        """Online softmax of one (sequence, head) over its share of positions [0, len): (acc [D], m, l).
+        PDL: kernels/pdl.py (everything it reads or writes comes after the wait)."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // H
@@ -121,6 +192,7 @@ if triton is not None:
         hi = tl.minimum(lo + per, length)
         d = tl.arange(0, D)
         q = tl.load(q_ptr + bh * D + d).to(tl.float32) * sm_scale
+        q_sum = tl.sum(q, axis=0)  # INT8: the keys' zeros' share of each score
         m = tl.max(tl.full((TILE,), float("-inf"), tl.float32), axis=0)
         l = tl.sum(tl.zeros((TILE,), tl.float32), axis=0)
         acc = tl.zeros((D,), tl.float32)
@@ -132,7 +204,14 @@ if triton is not None:
             offs = row[:, None] + d[None, :]  # [TILE, D]
             k = tl.load(k_ptr + offs, mask=ok[:, None], other=0).to(tl.float32)
             v = tl.load(v_ptr + offs, mask=ok[:, None], other=0).to(tl.float32)
-            m, l, acc = _online_softmax_step(q, k, v, ok, m, l, acc)
+            if INT8:  # uint8 tiles, one scale and zero per (position, head)
+                meta = block * stride_mblock + (s % BLOCK_SIZE) * stride_mtok + h  # [TILE]
+                m, l, acc = _online_softmax_step_int8(
+                    q, q_sum, k, v, tl.load(ks_ptr + meta, mask=ok, other=0.0),
+                    tl.load(kz_ptr + meta, mask=ok, other=0.0), tl.load(vs_ptr + meta, mask=ok, other=0.0),
+                    tl.load(vz_ptr + meta, mask=ok, other=0.0), ok, m, l, acc)
+            else:
+                m, l, acc = _online_softmax_step(q, k, v, ok, m, l, acc)
         if SPLITS == 1:  # the whole context: normalise and write the output directly
             tl.store(out_ptr + bh * D + d, (acc / l).to(out_ptr.dtype.element_ty))
         else:
@@ -140,10 +219,14 @@ if triton is not None:
 
     @triton.jit
     def _rope_write_paged_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, logn_ptr, slot_ptr, q_out_ptr, k_ptr, v_ptr,
-        H, stride_qkv, D: tl.constexpr, HAS_LOGN: tl.constexpr,
+        qkv_ptr, cos_ptr, sin_ptr, logn_ptr, slot_ptr, q_out_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+        H, stride_qkv, D: tl.constexpr, HAS_LOGN: tl.constexpr, INT8: tl.constexpr, PDL: tl.constexpr,
     ):
-        """One (row n, head h): rotate q and k with row n's cos/sin (fp32, as apply_rotary); store k, v at its slot."""
+        """One (row n, head h): rotate q and k with row n's cos/sin (fp32, as apply_rotary); store k, v at its slot
+        (INT8: quantized, with their scales and zeros at [slot, h] of the contiguous meta)."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         n = tl.program_id(0) // H
         h = tl.program_id(0) % H
         HALF: tl.constexpr = D // 2
@@ -151,11 +234,28 @@ if triton is not None:
         hidden = H * D
         ko1, ko2, v1, v2 = _rope_head(qkv_ptr + n * stride_qkv + h * D, cos_ptr + n * D, sin_ptr + n * D,
                                       logn_ptr + n, q_out_ptr + (n * H + h) * D, hidden, HALF, HAS_LOGN)
-        dst = tl.load(slot_ptr + n).to(tl.int64) * hidden + h * D
-        tl.store(k_ptr + dst + d, ko1)
-        tl.store(k_ptr + dst + HALF + d, ko2)
-        tl.store(v_ptr + dst + d, v1)
-        tl.store(v_ptr + dst + HALF + d, v2)
+        slot = tl.load(slot_ptr + n).to(tl.int64)
+        _store_kv_head(ko1, ko2, v1, v2, k_ptr, v_ptr, slot * hidden + h * D, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
+                       slot * H + h, d, INT8)
+
+    @triton.jit
+    def _quantize_write_paged_kernel(
+        k_ptr, v_ptr, slot_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, H, stride_k, stride_v, D: tl.constexpr,
+    ):
+        """One (row n, head h): k, v quantized into the uint8 pools at row n's slot, as the rope-write kernel does."""
+        n = tl.program_id(0) // H
+        h = tl.program_id(0) % H
+        HALF: tl.constexpr = D // 2
+        d = tl.arange(0, HALF)
+        k = k_ptr + n * stride_k + h * D
+        v = v_ptr + n * stride_v + h * D
+        slot = tl.load(slot_ptr + n).to(tl.int64)
+        dst = slot * H * D + h * D
+        meta = slot * H + h
+        _quant_store(tl.load(k + d).to(tl.float32), tl.load(k + HALF + d).to(tl.float32), kq_ptr + dst,
+                     ks_ptr + meta, kz_ptr + meta, d)
+        _quant_store(tl.load(v + d).to(tl.float32), tl.load(v + HALF + d).to(tl.float32), vq_ptr + dst,
+                     vs_ptr + meta, vz_ptr + meta, d)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -172,12 +272,28 @@ def decode_launch_config(splits: int) -> tuple[int, int]:
     return (16, 2) if splits == 1 else (64, 4)
 
 
+def _meta_pointers(meta: Meta | None, k_pool: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four meta tensors for a kernel launch (checked: contiguous [blocks, block_size, H] float32 for
+    uint8 pools), or the pool itself four times as unused pointers (fp16/bf16 pools)."""
+    if meta is None:
+        return (k_pool,) * 4
+    want = k_pool.shape[:-1]
+    for t in meta:
+        if t.shape != want or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"int8 pool meta must be contiguous float32 {tuple(want)} (the pool's [blocks, "
+                             f"block_size, H]), got {t.dtype} {tuple(t.shape)} strides {t.stride()}")
+    if k_pool.dtype != torch.uint8:
+        raise ValueError(f"meta was given, so the pools must be uint8, got {k_pool.dtype}")
+    return meta
+
+
 def paged_decode_attention(
-    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: Meta | None, block_tables: torch.Tensor,
     context_lens: torch.Tensor, splits: int = 1, tile: int | None = None, num_warps: int | None = None,
 ) -> torch.Tensor:
     """q [B, H, D] over each sequence's first context_lens[b] pooled positions -> [B, H, D].
 
+    meta: (k_scale, k_zero, v_scale, v_zero) of uint8 pools (see the reference), else None.
     block_tables [B, max_blocks] int32 and context_lens [B] int32 on q's device; `splits` programs
     share one (sequence, head) (a power of two; more for few long sequences).
     """
@@ -188,29 +304,48 @@ def paged_decode_attention(
     B, H, D = q.shape
     out = torch.empty_like(q)
     part = torch.empty(B * H, splits, D + 2, dtype=torch.float32, device=q.device) if splits > 1 else out
+    pdl = pdl_enabled(q.device)
+    ks, kz, vs, vz = _meta_pointers(meta, k_pool)
     _paged_decode_partial_kernel[(B * H, splits)](
-        q, k_pool, v_pool, block_tables, context_lens, part, out,
-        H, block_tables.stride(0), k_pool.stride(0), k_pool.stride(1), 1.0 / math.sqrt(D),
-        SPLITS=splits, D=D, BLOCK_SIZE=k_pool.shape[1], TILE=tile, num_warps=num_warps,
+        q, k_pool, v_pool, ks, kz, vs, vz, block_tables, context_lens, part, out,
+        H, block_tables.stride(0), k_pool.stride(0), k_pool.stride(1), ks.stride(0), ks.stride(1), 1.0 / math.sqrt(D),
+        SPLITS=splits, D=D, BLOCK_SIZE=k_pool.shape[1], TILE=tile, INT8=meta is not None, PDL=pdl,
+        num_warps=num_warps, launch_pdl=pdl,
     )
     if splits > 1:
-        _attention_combine_kernel[(B * H,)](part, out, SPLITS=splits, D=D, num_warps=4)
+        _attention_combine_kernel[(B * H,)](part, out, SPLITS=splits, D=D, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
 
 
 def rope_write_paged(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, logn: torch.Tensor | None, slots: torch.Tensor,
-    k_pool: torch.Tensor, v_pool: torch.Tensor, num_heads: int,
+    k_pool: torch.Tensor, v_pool: torch.Tensor, meta: Meta | None, num_heads: int,
 ) -> torch.Tensor:
-    """qkv [N, 3 * H * D] -> rotated q [N, H, D]; k, v stored in the pools at `slots` [N] (int32 or int64)."""
+    """qkv [N, 3 * H * D] -> rotated q [N, H, D]; k, v stored in the pools at `slots` [N] (int32 or int64),
+    quantized into uint8 pools with their meta when meta is given (as the reference)."""
     N = qkv.shape[0]
     D = k_pool.shape[-1]
     q = torch.empty(N, num_heads, D, dtype=qkv.dtype, device=qkv.device)
+    pdl = pdl_enabled(qkv.device)
     _rope_write_paged_kernel[(N * num_heads,)](
-        qkv, cos, sin, logn if logn is not None else cos, slots, q, k_pool, v_pool,
-        num_heads, qkv.stride(0), D=D, HAS_LOGN=logn is not None, num_warps=1,
+        qkv, cos, sin, logn if logn is not None else cos, slots, q, k_pool, v_pool, *_meta_pointers(meta, k_pool),
+        num_heads, qkv.stride(0), D=D, HAS_LOGN=logn is not None, INT8=meta is not None, PDL=pdl, num_warps=1,
+        launch_pdl=pdl,
     )
     return q
+
+
+def quantize_write_paged(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_pool: torch.Tensor,
+                         v_pool: torch.Tensor, meta: Meta) -> None:
+    """write_paged_reference into uint8 pools in one launch (the eager steps' store: ~12 torch kernels per
+    tensor in the reference). k, v [N, H, D] with contiguous heads (rows may be strided); slots [N]."""
+    if meta is None:
+        raise ValueError("quantize_write_paged stores into uint8 pools: give their meta (k_scale, k_zero, ...)")
+    N, H, D = k.shape
+    k, v = (x if x.stride(2) == 1 and x.stride(1) == D else x.contiguous() for x in (k, v))
+    _quantize_write_paged_kernel[(N * H,)](
+        k, v, slots, k_pool, v_pool, *_meta_pointers(meta, k_pool), H, k.stride(0), v.stride(0), D=D, num_warps=1,
+    )
 
 
 def varlen_attention(
