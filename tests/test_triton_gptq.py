@@ -75,10 +75,16 @@ def check_kernels(device: str, shapes, seed: int = 0) -> None:
                 model_way = gate * torch.nn.functional.silu(gptq_gemv(x, w).float()).to(gate.dtype)  # as the MLP rounds
                 assert _rel_err(fused, model_way.double()) < 1e-3
             elif rows <= tg.GEMM_MAX_ROWS:
+                # wx: packed-fp16 pairs on CUDA (the slot path in the interpreter), and the slot path forced
                 for cfg in (None, GemmConfig(block_m=16, block_n=16, split_k=2), GemmConfig(block_m=16, block_n=32, wx=True),
-                            GemmConfig(block_m=32, block_n=16, split_k=3, wx=True)):
+                            GemmConfig(block_m=32, block_n=16, split_k=3, wx=True),
+                            GemmConfig(block_m=16, block_n=64, wx=True, pairs=False)):
                     got = gptq_gemm(x, w, cfg)
                     assert _rel_err(got, want) < 2e-3, (k_in, n_out, rows, cfg, _rel_err(got, want))
+                if device == "cuda":  # bf16 activations: weights dequantized in float32, rounded to bf16
+                    xb = x.bfloat16()
+                    got = gptq_gemm(xb, w, GemmConfig(block_m=16, block_n=32, wx=True))
+                    assert got.dtype == torch.bfloat16 and _rel_err(got, xb.double() @ ref64 + bias.double()) < 1e-2
             got = tg.gptq_linear(x.view(1, rows, k_in), w)  # dispatch by row count
             assert got.shape == (1, rows, n_out) and _rel_err(got[0], want) < 2e-3, (rows, _rel_err(got[0], want))
             saved, tg.DEQUANT_SCRATCH = tg.DEQUANT_SCRATCH, 1  # prefill path: one unit of K per block
