@@ -146,16 +146,21 @@ def profile_decode(engine: LLMEngine, batches: list[int], context: int) -> list[
     return rows
 
 
+TUNE_CONFIGS = [(16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)]
+
+
 @torch.inference_mode()
 def tune_attention(num_layers: int, heads: int, head_dim: int, cases: list[tuple[int, int]], block_size: int = 16,
-                   kv_cache_dtype: str = "auto"):
+                   kv_cache_dtype: str = "auto", configs: list[tuple[int, int] | None] | None = None):
     """Time the paged decode kernel's (tile, warps) choices at each (batch, context) (the engine uses
-    triton_paged.decode_launch_config, chosen from these figures), over fp16 or int8 pools."""
+    triton_paged.decode_launch_config, chosen from these figures), over fp16 or int8 pools. GB/s counts
+    the bytes the kernel must read (keys, values and, int8, their scales and zeros). configs: (tile,
+    warps) pairs, None for decode_launch_config's choice; default TUNE_CONFIGS."""
     from qwen_int4.engine.paged_cache import KVPool
     from qwen_int4.engine.paged_decode import decode_splits
     from qwen_int4.kernels import triton_paged as tp
 
-    configs = [(16, 2), (32, 2), (32, 4), (64, 4), (64, 8), (128, 8), (32, 8)]
+    configs = configs or TUNE_CONFIGS
     results = []
     per_token = KVPool.bytes_per_block(num_layers, 1, heads, head_dim, torch.float16, kv_cache_dtype)
     for batch, context in cases:
@@ -168,7 +173,9 @@ def tune_attention(num_layers: int, heads: int, head_dim: int, cases: list[tuple
         q = torch.randn(batch, heads, head_dim, device="cuda", dtype=torch.float16)
         tables = torch.arange(batch * per_seq, dtype=torch.int32, device="cuda").view(batch, per_seq)
         lens = torch.full((batch,), context + 1, dtype=torch.int32, device="cuda")
-        for tile, warps in configs:
+        for config in configs:
+            tile, warps = config or tp.decode_launch_config(decode_splits(batch), kv.meta is not None)
+
             def run(tile=tile, warps=warps, pool=pool, q=q, tables=tables, lens=lens, batch=batch):
                 for _ in range(num_layers):
                     tp.paged_decode_attention(q, *pool, tables, lens, decode_splits(batch), tile, warps)
@@ -182,8 +189,10 @@ def tune_attention(num_layers: int, heads: int, head_dim: int, cases: list[tuple
             end.synchronize()
             ms = start.elapsed_time(end) / 3
             gbps = batch * (context + 1) * per_token / ms / 1e6
-            results.append({"batch": batch, "context": context, "tile": tile, "warps": warps, "ms": ms, "GBps": gbps})
-            print(f"paged attention B={batch} ctx={context} tile={tile} warps={warps}: {ms:.2f} ms ({gbps:.0f} GB/s)")
+            results.append({"batch": batch, "context": context, "kv_cache_dtype": kv_cache_dtype, "tile": tile,
+                            "warps": warps, "default": config is None, "ms": ms, "GBps": gbps})
+            print(f"paged attention {kv_cache_dtype} B={batch} ctx={context} tile={tile} warps={warps}"
+                  f"{' (default)' if config is None else ''}: {ms:.2f} ms ({gbps:.0f} GB/s)", flush=True)
         del pool, kv
     return results
 

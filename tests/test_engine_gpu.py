@@ -43,8 +43,10 @@ def check_paged_decode_step(device: str, kv_cache_dtype: str = "auto") -> None:
     positions = [seq.num_computed for seq in seqs]
     slots = [seq.block_table[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
     for keys, values, meta in (runner.kv.layer(i) for i in range(2)):  # forget the eager step's writes
-        for t in (keys, values, *(meta or ())):
+        for t in (keys, values):
             t.view(-1, *t.shape[2:])[slots] = 0
+        for t in meta or ():  # int8 scales and zeros [blocks, H, block_size]
+            t[[s // bs for s in slots], :, [s % bs for s in slots]] = 0
     step.write_inputs(4, [seq.output_ids[-1] for seq in seqs], positions, slots, [seq.block_table for seq in seqs])
     fused = step(4)[:3].float()  # row 3 is padding
     for keys, _, _ in (runner.kv.layer(i) for i in range(2)):  # the fused step wrote its keys

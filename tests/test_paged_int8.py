@@ -55,7 +55,7 @@ def test_int8_block_holds_keys_values_scales_and_zeros():
     tensors = [*pool.k, *pool.v, *(t for meta in pool.meta for t in meta)]
     assert sum(t.nbytes for t in tensors) == 6 * KVPool.bytes_per_block(2, 4, 3, 16, torch.float16, "int8")
     assert {t.dtype for t in [*pool.k, *pool.v]} == {torch.uint8}
-    assert all(t.shape == (6, 4, 3) and t.dtype == torch.float32 for t in pool.layer(1)[2])
+    assert all(t.shape == (6, 3, 4) and t.dtype == torch.float32 for t in pool.layer(1)[2])  # [blocks, H, BS]
 
 
 def test_kv_cache_gb_holds_more_int8_blocks(model, tokenizer):

@@ -18,6 +18,7 @@ from qwen_int4.kernels.triton_decode import (
 from qwen_int4.kernels.triton_paged import (
     gather_slots,
     paged_decode_attention_reference,
+    pool_meta,
     rope_write_paged_reference,
     varlen_attention_reference,
     write_paged_reference,
@@ -43,6 +44,21 @@ def paged_pool(lengths: list[int], dtype: torch.dtype, device: str, seed: int = 
         tables[b, :m] = torch.tensor(blocks)
         contiguous.append((k_pool[blocks].reshape(-1, H, D)[:n], v_pool[blocks].reshape(-1, H, D)[:n]))
     return k_pool.to(device), v_pool.to(device), tables.to(device), contiguous
+
+
+def quantize_pools(k_pool: torch.Tensor, v_pool: torch.Tensor):
+    """uint8 pools [blocks, BS, H, D] and their meta (pool_meta's layout) of float pools: every slot quantized."""
+    blocks, device = k_pool.shape[0], k_pool.device
+    kq, vq = (torch.zeros(p.shape, dtype=torch.uint8, device=device) for p in (k_pool, v_pool))
+    meta = pool_meta(blocks, BS, H, device)
+    slots = torch.arange(blocks * BS, device=device)
+    write_paged_reference(k_pool.view(-1, H, D), v_pool.view(-1, H, D), slots, kq, vq, meta)
+    return kq, vq, meta
+
+
+def meta_at(t: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[N, H]: a meta tensor [blocks, H, BS]'s values at the flat slots [N]."""
+    return t[slots // BS, :, slots % BS]
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_end: bool) -> torch.Tensor:
@@ -98,9 +114,12 @@ def test_rope_write_reference_rotates_scales_and_stores():
 def test_int8_references_equal_attention_over_dequantized_keys():
     lengths = [1, 7, 12, 5]
     k_pool, v_pool, tables, contiguous = paged_pool(lengths, torch.float32, "cpu", seed=4)
-    (kq, ks, kz), (vq, vs, vz) = quantize_kv_reference(k_pool), quantize_kv_reference(v_pool)
+    kq, vq, meta = quantize_pools(k_pool, v_pool)
+    (_, ks, kz), (_, vs, vz) = quantize_kv_reference(k_pool), quantize_kv_reference(v_pool)  # [blocks, BS, H]
+    for got, want in zip(meta, (ks, kz, vs, vz)):  # head-major: [blocks, H, BS]
+        assert torch.equal(got, want.transpose(1, 2))
     q = torch.randn(len(lengths), H, D)
-    out = paged_decode_attention_reference(q, kq, vq, (ks, kz, vs, vz), tables, torch.tensor(lengths))
+    out = paged_decode_attention_reference(q, kq, vq, meta, tables, torch.tensor(lengths))
     for b, (k, v) in enumerate(contiguous):
         k8, v8 = (dequantize_kv_reference(*quantize_kv_reference(x), torch.float64) for x in (k, v))
         torch.testing.assert_close(out[b].double(), dense_attention(q[b:b + 1], k8, v8, False)[0], rtol=1e-5,
@@ -118,13 +137,13 @@ def test_int8_rope_write_reference_stores_the_quantized_keys():
     cos, sin = RotaryEmbedding(D, 10000.0).table(1.0, 16, "cpu")
     slots = torch.tensor([3, 0, 9, 15, 6])
     pools = [torch.zeros(num_blocks, BS, H, D, dtype=torch.uint8) for _ in range(2)]
-    meta = tuple(torch.zeros(num_blocks, BS, H) for _ in range(4))
+    meta = pool_meta(num_blocks, BS, H)
     rope_write_paged_reference(qkv, cos[positions], sin[positions], None, slots, *pools, meta, H)
     _, k0, v0 = qkv.view(N, 3, H, D).unbind(1)
     k_rot = apply_rotary(k0[None], cos[positions][None, :, None], sin[positions][None, :, None])[0]
     for pool, scale_zero, x in ((pools[0], meta[:2], k_rot), (pools[1], meta[2:], v0)):
         back = gather_slots(pool, scale_zero, slots, torch.float32)  # [N, H, D]
-        step = scale_zero[0].view(-1, H)[slots]  # [N, H]: one quantization step per token and head
+        step = meta_at(scale_zero[0], slots)  # [N, H]: one quantization step per token and head
         assert ((back - x).abs() <= step[..., None] / 2 + 1e-6).all()  # rounded to the nearest level
         assert float((back - x).norm() / x.norm()) < 1e-2
 
@@ -148,14 +167,16 @@ def check_kernels(device: str) -> None:
         out = paged_decode_attention(q, k_pool, v_pool, None, tables, lens, splits=splits, tile=tile)
         torch.testing.assert_close(out.cpu().float(), ref, rtol=2e-3, atol=2e-3)
     # uint8 pools: the kernel dequantizes (to fp32) as the reference does
-    (kq, ks, kz), (vq, vs, vz) = quantize_kv_reference(k_pool), quantize_kv_reference(v_pool)
-    meta = (ks, kz, vs, vz)  # [blocks, BS, H] float32 each
+    kq, vq, meta = quantize_pools(k_pool, v_pool)  # meta [blocks, H, BS] float32 each
     ref8 = paged_decode_attention_reference(q.cpu().float(), kq.cpu(), vq.cpu(), tuple(m.cpu() for m in meta),
                                             tables.cpu(), lens.cpu())
     assert (ref8 - ref).abs().max() > 1e-4  # quantization changed the output: the int8 path is exercised
-    for splits, tile in ((1, 8), (4, 8), (1, None), (4, None)):
+    for splits, tile in ((1, 8), (4, 8), (1, 4), (2, 16), (1, None), (4, None)):
         out = paged_decode_attention(q, kq, vq, meta, tables, lens, splits=splits, tile=tile)
         torch.testing.assert_close(out.cpu().float(), ref8, rtol=2e-3, atol=2e-3)
+    separate = tuple(t.contiguous() for t in meta)  # the right shape, but not pool_meta's interleaved views
+    with pytest.raises(ValueError, match="int8 pool meta must be pool_meta's views"):
+        paged_decode_attention(q, kq, vq, separate, tables, lens)
 
     N = 6
     qkv = torch.randn(N, 3 * H * D, device=device).half()
@@ -172,7 +193,7 @@ def check_kernels(device: str) -> None:
     assert torch.equal(pools[3], pools[1])
     # into uint8 pools: k, v quantized with their scales and zeros, as the reference quantizer
     pools8 = [torch.zeros(6, BS, H, D, dtype=torch.uint8, device=device) for _ in range(4)]
-    metas = [tuple(torch.zeros(6, BS, H, device=device) for _ in range(4)) for _ in range(2)]
+    metas = [pool_meta(6, BS, H, device) for _ in range(2)]
     q_ref = rope_write_paged_reference(qkv, cos, sin, logn, slots, pools8[0], pools8[1], metas[0], H)
     q_out = rope_write_paged(qkv, cos, sin, logn, slots.to(torch.int32), pools8[2], pools8[3], metas[1], H)
     torch.testing.assert_close(q_out, q_ref, rtol=0, atol=1e-3)
@@ -182,19 +203,20 @@ def check_kernels(device: str) -> None:
         torch.testing.assert_close(out_meta, ref_meta, rtol=1e-3, atol=1e-4)  # k: fp16 rotation roundings
     written = torch.zeros(6 * BS, dtype=torch.bool, device=device)
     written[slots] = True
-    assert metas[1][0].view(-1, H)[written].min() > 0 and not pools8[2].view(-1, H, D)[~written].any()
+    assert meta_at(metas[1][0], slots).min() > 0 and not pools8[2].view(-1, H, D)[~written].any()
+    assert not meta_at(metas[1][0], (~written).nonzero()[:, 0]).any()  # no other slot's scale was written
     # the eager steps' store into uint8 pools: k rows contiguous, v rows strided (a view of fused qkv rows)
     k = torch.randn(N, H, D, device=device).half()
     v = qkv.view(N, 3, H, D)[:, 2]
     pools8 = [torch.zeros(6, BS, H, D, dtype=torch.uint8, device=device) for _ in range(4)]
-    metas = [tuple(torch.zeros(6, BS, H, device=device) for _ in range(4)) for _ in range(2)]
+    metas = [pool_meta(6, BS, H, device) for _ in range(2)]
     write_paged_reference(k, v, slots, pools8[0], pools8[1], metas[0])
     quantize_write_paged(k, v, slots.to(torch.int32), pools8[2], pools8[3], metas[1])
     for ref_pool, out_pool in ((pools8[0], pools8[2]), (pools8[1], pools8[3])):
         assert (out_pool.int() - ref_pool.int()).abs().max() <= 1  # float rounding at .5
     for ref_meta, out_meta in zip(metas[0], metas[1]):
         torch.testing.assert_close(out_meta, ref_meta)
-    assert not pools8[3].view(-1, H, D)[~written].any() and metas[1][2].view(-1, H)[written].min() > 0
+    assert not pools8[3].view(-1, H, D)[~written].any() and meta_at(metas[1][2], slots).min() > 0
 
 
 def test_kernels_in_triton_interpreter():

@@ -29,6 +29,7 @@ from ..kernels.triton_paged import (
     gather_slots,
     paged_decode_attention,
     paged_decode_attention_reference,
+    pool_meta,
     quantize_write_paged,
     varlen_attention,
     varlen_attention_reference,
@@ -47,8 +48,8 @@ def check_kv_cache_dtype(kv_cache_dtype: str) -> None:
 
 class KVPool:
     """Per layer K and V pools [num_blocks + 1, block_size, H, D]: in the model's dtype ("auto"), or
-    uint8 ("int8") with per layer meta (k_scale, k_zero, v_scale, v_zero) [num_blocks + 1, block_size, H]
-    float32.
+    uint8 ("int8") with per layer meta (k_scale, k_zero, v_scale, v_zero) [num_blocks + 1, H, block_size]
+    float32 (kernels/triton_paged.pool_meta: head-major views of one tensor, as the decode kernel reads it).
 
     The extra last block (`pad_block`) belongs to no sequence: padded rows of a CUDA-graph
     decode step write and read there.
@@ -67,8 +68,7 @@ class KVPool:
         self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(num_layers)]
         self.meta: list[Meta] | None = None
         if int8:
-            self.meta = [tuple(torch.zeros(shape[:-1], dtype=torch.float32, device=device) for _ in range(4))
-                         for _ in range(num_layers)]
+            self.meta = [pool_meta(num_blocks + 1, block_size, num_heads, device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_heads: int, head_dim: int, dtype: torch.dtype,

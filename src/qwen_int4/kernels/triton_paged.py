@@ -4,8 +4,11 @@ Pool layout, per layer: keys and values [num_blocks, block_size, H, D]; the toke
 of a sequence lives in block `block_table[p // block_size]` at offset `p % block_size` (its flat
 slot is block * block_size + offset). The plain-PyTorch references are the CPU path and the
 kernels' test oracles. Pools are fp16/bf16, or uint8 (the engine's kv_cache_dtype "int8") with
-`meta` = (k_scale, k_zero, v_scale, v_zero) [num_blocks, block_size, H] float32: the static
-cache's scheme (triton_decode.quantize_kv_reference, x ~ scale * (q - zero) per token and head).
+`meta` = (k_scale, k_zero, v_scale, v_zero) [num_blocks, H, block_size] float32: the static
+cache's scheme (triton_decode.quantize_kv_reference, x ~ scale * (q - zero) per token and head),
+stored head-major so that a block's scales or zeros of one head are contiguous. The kernels take the
+four as views of one tensor [num_blocks, H, 4, block_size] (`pool_meta`): one block and head's 16
+positions' four values fill 256 contiguous bytes.
 
 * `paged_decode_attention`: one query per sequence over its context positions [0, len): split-KV
   ("flash decoding") partials that read K/V through the block table, merged by triton_decode's
@@ -40,6 +43,7 @@ try:
         _store_kv_head,
         _store_partial,
     )
+    from .triton_paged_tiles import _paged_int8_softmax, _tile_blocks, _tile_offsets
 except ImportError:  # the references below still work
     triton = None
 
@@ -48,11 +52,23 @@ except ImportError:  # the references below still work
 Meta = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # int8 pools: k_scale, k_zero, v_scale, v_zero
 
 
+def pool_meta(num_blocks: int, block_size: int, num_heads: int, device: torch.device | str = "cpu") -> Meta:
+    """Zeroed meta of uint8 pools: (k_scale, k_zero, v_scale, v_zero) [num_blocks, H, block_size] float32,
+    views of one tensor [num_blocks, H, 4, block_size] (the layout the kernels take)."""
+    return torch.zeros(num_blocks, num_heads, 4, block_size, dtype=torch.float32, device=device).unbind(2)
+
+
+def _meta_index(t: torch.Tensor, slots: torch.Tensor) -> tuple:
+    """Index of the flat `slots` [N] in a meta tensor t [blocks, H, block_size]: t[index] is [N, H]."""
+    block_size = t.shape[-1]
+    return slots // block_size, slice(None), slots % block_size
+
+
 def store_slots(pool: torch.Tensor, scale_zero: tuple[torch.Tensor, ...] | None, slots: torch.Tensor,
                 x: torch.Tensor) -> None:
     """Write x [N, H, D] at the flat `slots` [N] (long) of pool [blocks, block_size, H, D].
 
-    scale_zero None: x as is. Else (scale, zero) [blocks, block_size, H] float32 of a uint8 pool:
+    scale_zero None: x as is. Else (scale, zero) [blocks, H, block_size] float32 of a uint8 pool:
     x quantized per token and head (triton_decode.quantize_kv_reference).
     """
     H, D = x.shape[-2:]
@@ -62,7 +78,7 @@ def store_slots(pool: torch.Tensor, scale_zero: tuple[torch.Tensor, ...] | None,
     q, scale, zero = quantize_kv_reference(x)  # [N, H, D] uint8, [N, H] float32 twice
     pool.view(-1, H, D).index_copy_(0, slots, q)
     for dst, src in zip(scale_zero, (scale, zero)):
-        dst.view(-1, H).index_copy_(0, slots, src)
+        dst[_meta_index(dst, slots)] = src
 
 
 def gather_slots(pool: torch.Tensor, scale_zero: tuple[torch.Tensor, ...] | None, slots: torch.Tensor,
@@ -73,7 +89,7 @@ def gather_slots(pool: torch.Tensor, scale_zero: tuple[torch.Tensor, ...] | None
     x = pool.view(-1, H, D)[slots]  # [T, H, D]
     if scale_zero is None:
         return x.to(dtype)
-    scale, zero = (t.view(-1, H)[slots] for t in scale_zero)  # [T, H]
+    scale, zero = (t[_meta_index(t, slots)] for t in scale_zero)  # [T, H]
     return dequantize_kv_reference(x, scale, zero, dtype)
 
 
@@ -92,7 +108,7 @@ def paged_decode_attention_reference(
     """q [B, H, D] over each sequence's first context_lens[b] pooled positions -> [B, H, D] in q's dtype.
 
     k_pool, v_pool [num_blocks, block_size, H, D]; meta (k_scale, k_zero, v_scale, v_zero)
-    [num_blocks, block_size, H] float32 for uint8 pools, else None; block_tables [B, max_blocks]
+    [num_blocks, H, block_size] float32 for uint8 pools (pool_meta), else None; block_tables [B, max_blocks]
     int; context_lens [B] int. Keys and values are dequantized to float32, as the kernel does.
     """
     D = q.shape[-1]
@@ -155,25 +171,9 @@ def varlen_attention_reference(
 if triton is not None:
 
     @triton.jit
-    def _online_softmax_step_int8(q, q_sum, k, v, ks, kz, vs, vz, ok, m, l, acc):
-        """triton_decode._online_softmax_step over uint8 tiles k, v [T, D] (as float32) whose rows are
-        x = scale * (x_q - zero) (ks, kz, vs, vz [T]), the dequantization folded into per-row terms:
-        q.k = ks (q.k_q - kz sum(q)) and sum_t p_t v_t = sum_t (p_t vs_t) v_q,t - sum_t p_t vs_t vz_t.
-        Two fewer operations per element than dequantizing the tiles (SASS, H100, tile 16 x 128 at 2
-        warps: 535 instructions per loop iteration instead of 631; fp16 tiles: 410)."""
-        scores = tl.where(ok, ks * (tl.sum(k * q[None, :], axis=1) - kz * q_sum), float("-inf"))  # [T]
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
-        p = tl.exp(scores - m_new)
-        alpha = tl.exp(m - m_new)
-        l = l * alpha + tl.sum(p, axis=0)
-        w = p * vs  # [T]
-        acc = acc * alpha + tl.sum(w[:, None] * v, axis=0) - tl.sum(w * vz, axis=0)
-        return m_new, l, acc
-
-    @triton.jit
     def _paged_decode_partial_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, table_ptr, lens_ptr, part_ptr, out_ptr,
-        H, stride_table, stride_block, stride_tok, stride_mblock, stride_mtok, sm_scale,
+        H, stride_table, stride_block, stride_tok, stride_mblock, stride_mhead, sm_scale,
         SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, INT8: tl.constexpr,
         PDL: tl.constexpr,
     ):
@@ -192,25 +192,19 @@ if triton is not None:
         hi = tl.minimum(lo + per, length)
         d = tl.arange(0, D)
         q = tl.load(q_ptr + bh * D + d).to(tl.float32) * sm_scale
-        q_sum = tl.sum(q, axis=0)  # INT8: the keys' zeros' share of each score
-        m = tl.max(tl.full((TILE,), float("-inf"), tl.float32), axis=0)
-        l = tl.sum(tl.zeros((TILE,), tl.float32), axis=0)
-        acc = tl.zeros((D,), tl.float32)
-        for s0 in tl.range(lo, hi, TILE):
-            s = s0 + tl.arange(0, TILE)
-            ok = s < hi
-            block = tl.load(table_ptr + b * stride_table + s // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-            row = block * stride_block + (s % BLOCK_SIZE) * stride_tok + h * D  # [TILE]
-            offs = row[:, None] + d[None, :]  # [TILE, D]
-            k = tl.load(k_ptr + offs, mask=ok[:, None], other=0).to(tl.float32)
-            v = tl.load(v_ptr + offs, mask=ok[:, None], other=0).to(tl.float32)
-            if INT8:  # uint8 tiles, one scale and zero per (position, head)
-                meta = block * stride_mblock + (s % BLOCK_SIZE) * stride_mtok + h  # [TILE]
-                m, l, acc = _online_softmax_step_int8(
-                    q, q_sum, k, v, tl.load(ks_ptr + meta, mask=ok, other=0.0),
-                    tl.load(kz_ptr + meta, mask=ok, other=0.0), tl.load(vs_ptr + meta, mask=ok, other=0.0),
-                    tl.load(vz_ptr + meta, mask=ok, other=0.0), ok, m, l, acc)
-            else:
+        if INT8:  # uint8 tiles, one scale and zero per (position, head)
+            acc, m, l = _paged_int8_softmax(q, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, table_ptr, b, stride_table,
+                                            lo, hi, h, stride_block, stride_tok, stride_mblock, stride_mhead, d,
+                                            BLOCK_SIZE, TILE)
+        else:
+            m = tl.max(tl.full((TILE,), float("-inf"), tl.float32), axis=0)
+            l = tl.sum(tl.zeros((TILE,), tl.float32), axis=0)
+            acc = tl.zeros((D,), tl.float32)
+            for s0 in tl.range(lo, hi, TILE):
+                s, ok, block = _tile_blocks(table_ptr, b, stride_table, s0, hi, BLOCK_SIZE, TILE)
+                offs = _tile_offsets(s, block, h, stride_block, stride_tok, d, BLOCK_SIZE)
+                k = tl.load(k_ptr + offs, mask=ok[:, None], other=0).to(tl.float32)
+                v = tl.load(v_ptr + offs, mask=ok[:, None], other=0).to(tl.float32)
                 m, l, acc = _online_softmax_step(q, k, v, ok, m, l, acc)
         if SPLITS == 1:  # the whole context: normalise and write the output directly
             tl.store(out_ptr + bh * D + d, (acc / l).to(out_ptr.dtype.element_ty))
@@ -220,10 +214,11 @@ if triton is not None:
     @triton.jit
     def _rope_write_paged_kernel(
         qkv_ptr, cos_ptr, sin_ptr, logn_ptr, slot_ptr, q_out_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
-        H, stride_qkv, D: tl.constexpr, HAS_LOGN: tl.constexpr, INT8: tl.constexpr, PDL: tl.constexpr,
+        H, stride_qkv, D: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_LOGN: tl.constexpr, INT8: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """One (row n, head h): rotate q and k with row n's cos/sin (fp32, as apply_rotary); store k, v at its slot
-        (INT8: quantized, with their scales and zeros at [slot, h] of the contiguous meta)."""
+        (INT8: quantized, with their scales and zeros at [block, h, offset] of pool_meta's views)."""
         if PDL:
             gdc_launch_dependents()
             gdc_wait()
@@ -236,11 +231,17 @@ if triton is not None:
                                       logn_ptr + n, q_out_ptr + (n * H + h) * D, hidden, HALF, HAS_LOGN)
         slot = tl.load(slot_ptr + n).to(tl.int64)
         _store_kv_head(ko1, ko2, v1, v2, k_ptr, v_ptr, slot * hidden + h * D, ks_ptr, kz_ptr, vs_ptr, vz_ptr,
-                       slot * H + h, d, INT8)
+                       _meta_offset(slot, h, H, BLOCK_SIZE), d, INT8)
+
+    @triton.jit
+    def _meta_offset(slot, h, H, BLOCK_SIZE: tl.constexpr):
+        """Element offset of (slot, head h) in pool_meta's views ([blocks, H, block_size] of [blocks, H, 4, block_size])."""
+        return (slot // BLOCK_SIZE) * (H * 4 * BLOCK_SIZE) + h * (4 * BLOCK_SIZE) + slot % BLOCK_SIZE
 
     @triton.jit
     def _quantize_write_paged_kernel(
         k_ptr, v_ptr, slot_ptr, kq_ptr, vq_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, H, stride_k, stride_v, D: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
     ):
         """One (row n, head h): k, v quantized into the uint8 pools at row n's slot, as the rope-write kernel does."""
         n = tl.program_id(0) // H
@@ -251,7 +252,7 @@ if triton is not None:
         v = v_ptr + n * stride_v + h * D
         slot = tl.load(slot_ptr + n).to(tl.int64)
         dst = slot * H * D + h * D
-        meta = slot * H + h
+        meta = _meta_offset(slot, h, H, BLOCK_SIZE)
         _quant_store(tl.load(k + d).to(tl.float32), tl.load(k + HALF + d).to(tl.float32), kq_ptr + dst,
                      ks_ptr + meta, kz_ptr + meta, d)
         _quant_store(tl.load(v + d).to(tl.float32), tl.load(v + HALF + d).to(tl.float32), vq_ptr + dst,
@@ -261,27 +262,36 @@ if triton is not None:
 # ----------------------------------------------------------------------------- launchers
 
 
-def decode_launch_config(splits: int) -> tuple[int, int]:
-    """(positions per loop iteration, warps per program) of the decode kernel.
+def decode_launch_config(splits: int, int8: bool = False) -> tuple[int, int]:
+    """(positions per loop iteration, warps per program) of the decode kernel, for fp16/bf16 or int8 pools.
 
     Measured on an H100, 32 layers of 32 heads x 128 (benchmarks/serving_gpu.py --tune-attention):
     one split (many sequences) wants small tiles and many resident programs: tile 16 / 2 warps
     ran 256 x 193 positions at 2.8 TB/s and 64 x 2101 at 3.0 TB/s (tile 64 / 4 warps: 2.1-2.2);
     with splits (few sequences) tile 64 / 4 warps was fastest (8 x 2101: 2.5 TB/s, tile 16: 1.3).
+    int8, from sm_90 SASS (GPU timings pending): tile 16 / 2 warps and 32 / 4 take 128 registers (8 and
+    4 programs per SM), 32 / 2 and 64 / 4 spill (255); with splits (few programs) 32 / 4 keeps
+    4 warps per program and every program resident.
     """
+    if int8:
+        return (16, 2) if splits == 1 else (32, 4)
     return (16, 2) if splits == 1 else (64, 4)
 
 
 def _meta_pointers(meta: Meta | None, k_pool: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The four meta tensors for a kernel launch (checked: contiguous [blocks, block_size, H] float32 for
-    uint8 pools), or the pool itself four times as unused pointers (fp16/bf16 pools)."""
+    """The four meta tensors for a kernel launch (checked: pool_meta's layout, the views [blocks, H, block_size]
+    of one float32 tensor [blocks, H, 4, block_size], for uint8 pools), or the pool itself four times as
+    unused pointers (fp16/bf16 pools)."""
     if meta is None:
         return (k_pool,) * 4
-    want = k_pool.shape[:-1]
-    for t in meta:
-        if t.shape != want or t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError(f"int8 pool meta must be contiguous float32 {tuple(want)} (the pool's [blocks, "
-                             f"block_size, H]), got {t.dtype} {tuple(t.shape)} strides {t.stride()}")
+    blocks, block_size, H, _ = k_pool.shape
+    want, strides = (blocks, H, block_size), (H * 4 * block_size, 4 * block_size, 1)
+    for i, t in enumerate(meta):
+        if (t.shape != want or t.dtype != torch.float32 or t.stride() != strides
+                or t.data_ptr() != meta[0].data_ptr() + 4 * i * block_size):
+            raise ValueError(f"int8 pool meta must be pool_meta's views: float32 {want} (the pool's [blocks, H, "
+                             f"block_size]) with strides {strides}, the four interleaved per (block, head); got "
+                             f"{t.dtype} {tuple(t.shape)} strides {t.stride()}")
     if k_pool.dtype != torch.uint8:
         raise ValueError(f"meta was given, so the pools must be uint8, got {k_pool.dtype}")
     return meta
@@ -299,7 +309,7 @@ def paged_decode_attention(
     """
     if splits < 1 or splits & (splits - 1):
         raise ValueError(f"splits must be a power of two, got {splits}")
-    default_tile, default_warps = decode_launch_config(splits)
+    default_tile, default_warps = decode_launch_config(splits, meta is not None)
     tile, num_warps = tile or default_tile, num_warps or default_warps
     B, H, D = q.shape
     out = torch.empty_like(q)
@@ -329,8 +339,8 @@ def rope_write_paged(
     pdl = pdl_enabled(qkv.device)
     _rope_write_paged_kernel[(N * num_heads,)](
         qkv, cos, sin, logn if logn is not None else cos, slots, q, k_pool, v_pool, *_meta_pointers(meta, k_pool),
-        num_heads, qkv.stride(0), D=D, HAS_LOGN=logn is not None, INT8=meta is not None, PDL=pdl, num_warps=1,
-        launch_pdl=pdl,
+        num_heads, qkv.stride(0), D=D, BLOCK_SIZE=k_pool.shape[1], HAS_LOGN=logn is not None, INT8=meta is not None,
+        PDL=pdl, num_warps=1, launch_pdl=pdl,
     )
     return q
 
@@ -344,7 +354,8 @@ def quantize_write_paged(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, 
     N, H, D = k.shape
     k, v = (x if x.stride(2) == 1 and x.stride(1) == D else x.contiguous() for x in (k, v))
     _quantize_write_paged_kernel[(N * H,)](
-        k, v, slots, k_pool, v_pool, *_meta_pointers(meta, k_pool), H, k.stride(0), v.stride(0), D=D, num_warps=1,
+        k, v, slots, k_pool, v_pool, *_meta_pointers(meta, k_pool), H, k.stride(0), v.stride(0), D=D,
+        BLOCK_SIZE=k_pool.shape[1], num_warps=1,
     )
 
 
