@@ -116,9 +116,9 @@ def triton_next_pow2(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-def sweep_gemm(m: int, bits: int, bandwidth: float, keep: int = 5) -> list[GemmConfig | None]:
-    """Every candidate on c_attn at m rows; the fastest `keep` (and the default, None)."""
-    k, n = LINEARS["attn.c_attn"]
+def sweep_gemm(m: int, bits: int, bandwidth: float, keep: int = 5, linear: str = "attn.c_attn") -> list[GemmConfig | None]:
+    """Every candidate on `linear` at m rows; the fastest `keep` (and the default, None)."""
+    k, n = LINEARS[linear]
     copies = [random_weights(k, n, bits, seed=i) for i in range(8)]
     x = torch.randn(m, k, dtype=torch.float16, device="cuda")
     scored = []
@@ -128,10 +128,10 @@ def sweep_gemm(m: int, bits: int, bandwidth: float, keep: int = 5) -> list[GemmC
         except Exception as exc:  # noqa: BLE001 - a configuration that does not compile or fit
             print(f"  gemm m={m} {cfg}: {type(exc).__name__} {str(exc)[:100]}", file=sys.stderr)
             continue
-        print(f"  sweep gemm bits={bits} c_attn m={m} {cfg}: {us:.2f} us", file=sys.stderr)
+        print(f"  sweep gemm bits={bits} {linear} m={m} {cfg}: {us:.2f} us", file=sys.stderr)
         scored.append((us, cfg))
     scored.sort(key=lambda s: s[0])
-    print(f"sweep gemm m={m} best: " + "; ".join(f"{us:.1f} us {c}" for us, c in scored[:keep]))
+    print(f"sweep gemm {linear} m={m} best: " + "; ".join(f"{us:.1f} us {c}" for us, c in scored[:keep]))
     return [c for _, c in scored[:keep] if c is not None] + [None]
 
 
@@ -180,6 +180,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--no-gemv-sweep", action="store_true", help="with --sweep: the GEMM's configurations only")
+    parser.add_argument("--sweep-linear", default="attn.c_attn", choices=list(LINEARS),
+                        help="the linear the GEMM sweep ranks its configurations on")
+    parser.add_argument("--only", default="", help="comma-separated linears to benchmark (default: all)")
     parser.add_argument("--bits", default="4,8")
     parser.add_argument("--rows", default="16,64,256")
     parser.add_argument("--out", default=None)
@@ -194,8 +197,11 @@ def main() -> None:
         print("\n".join(fails) or f"bits={bits}: all kernel checks ok")
         gemv_cfgs = sweep_gemv(bits, bandwidth) if args.sweep and not args.no_gemv_sweep else [GemvConfig(), None]
         gemv_cfgs = [c for c in gemv_cfgs if c is not None] + [None]
-        gemm_cfgs = {m: sweep_gemm(m, bits, bandwidth) for m in rows} if args.sweep and bits == 4 else {}
+        gemm_cfgs = {m: sweep_gemm(m, bits, bandwidth, linear=args.sweep_linear) for m in rows} \
+            if args.sweep and bits == 4 else {}
         for name, (k, n) in LINEARS.items():
+            if args.only and name not in args.only.split(","):
+                continue
             r = bench_shape(name, k, n, bits, rows, gemv_cfgs, gemm_cfgs, bandwidth)
             report["linears"].append(r)
             gem = " ".join(f"M={m}: {r[f'gemm{m}_us']:.1f} (deq {r[f'dequant_cublas{m}_us']:.1f}, "
