@@ -2,11 +2,14 @@
 
 Layout: kernels/gptq_layout.py. Oracle: `dequantize_reference` there.
 
-* `_gemm_wx_kernel` (batched decode, the default up to triton_gptq.GEMM_MAX_ROWS rows): out^T =
-  W x^T per [BLOCK_N, BLOCK_M] tile, one tl.dot per value slot of a unit's words (K = 16 rows of
-  a slot). The dequantized weights are the left operand, which Hopper's wgmma reads from
-  registers (no shared-memory round trip), and x is gathered once into slot order (`slot_order`)
-  so that each slot's x tile is one contiguous, pipelined load.
+* `_gemm_wx_kernel` (batched decode, up to triton_gptq.GEMM_MAX_ROWS rows): out^T = W x^T per
+  [BLOCK_N, BLOCK_M] tile. The dequantized weights are the left operand, which Hopper's wgmma
+  reads from registers (no shared-memory round trip). With fp16 x on CUDA (PAIRS) each slot pair
+  of a unit's words is dequantized in packed fp16 by inline PTX (`_pair_weights`: 2 instructions
+  per weight) into a [BLOCK_N, 2 WPU] tile of consecutive input rows, one tl.dot each, x read in
+  its own order. Otherwise (bf16 x, the interpreter) one tl.dot per slot in float32
+  dequantization, x gathered once into slot order (`slot_order`) so each slot's x tile is one
+  contiguous, pipelined load.
 * `_gemm_kernel` (x as the left operand): per unit, either one tl.dot per slot reading x with a
   stride of 2, or the unit's words unpacked to a [BLOCK_N, 128] tile in row order (a reshape and
   a permute: register shuffles) and one tl.dot. Kept for the sweeps and for group sizes whose
