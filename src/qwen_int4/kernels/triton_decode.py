@@ -203,6 +203,13 @@ if triton is not None:
         tl.store(part + D + 1, l)
 
     @triton.jit
+    def _split_share(start, end, split, SPLITS: tl.constexpr, TILE: tl.constexpr):
+        """Positions [lo, hi) of split `split` when SPLITS programs share [start, end) in whole tiles."""
+        per = tl.cdiv(tl.cdiv(end - start, SPLITS), TILE) * TILE
+        lo = start + split * per
+        return lo, tl.minimum(lo + per, end)
+
+    @triton.jit
     def _attention_partial_kernel(
         q_ptr, k_ptr, v_ptr, ks_ptr, kz_ptr, vs_ptr, vz_ptr, pos_ptr, start_ptr, part_ptr,
         H, stride_cb, stride_cs, stride_sb, stride_ss, sm_scale,
@@ -221,9 +228,7 @@ if triton is not None:
         start = 0
         if HAS_START:
             start = tl.load(start_ptr + b)
-        per = tl.cdiv(tl.cdiv(length - start, SPLITS), BLOCK_S) * BLOCK_S
-        lo = start + split * per
-        hi = tl.minimum(lo + per, length)
+        lo, hi = _split_share(start, length, split, SPLITS, BLOCK_S)
         d = tl.arange(0, D)
         q = tl.load(q_ptr + bh * D + d).to(tl.float32) * sm_scale
         m = tl.max(tl.full((BLOCK_S,), float("-inf"), tl.float32), axis=0)

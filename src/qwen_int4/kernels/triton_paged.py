@@ -40,6 +40,7 @@ try:
         _online_softmax_step,
         _quant_store,
         _rope_head,
+        _split_share,
         _store_kv_head,
         _store_partial,
     )
@@ -187,9 +188,7 @@ if triton is not None:
         b = bh // H
         h = bh % H
         length = tl.load(lens_ptr + b)
-        per = tl.cdiv(tl.cdiv(length, SPLITS), TILE) * TILE
-        lo = split * per
-        hi = tl.minimum(lo + per, length)
+        lo, hi = _split_share(0, length, split, SPLITS, TILE)
         d = tl.arange(0, D)
         q = tl.load(q_ptr + bh * D + d).to(tl.float32) * sm_scale
         if INT8:  # uint8 tiles, one scale and zero per (position, head)
