@@ -99,14 +99,12 @@ def sweep_gemv(bits: int, bandwidth: float) -> list[GemvConfig]:
 
 
 def gemm_candidates(m: int) -> list[GemmConfig | None]:
-    """Launch configurations for m rows: the x-left kernel's (per-slot or per-unit dots) and the
+    """Launch configurations for m rows: the x-left kernel's (one dot per unit) and the
     weights-left kernel's (`wx`: [BLOCK_N, BLOCK_M] tiles)."""
-    xw = [GemmConfig(16, bn, 4, 3, split, True) for bn, split in itertools.product((64, 128), (4, 8))] if m <= 16 else \
-        [GemmConfig(bm, 128, 4, 3, split, per_slot) for bm, split, per_slot in itertools.product((32, 64), (2, 4), (False, True))
-         if bm <= max(32, m)]
+    xw = [GemmConfig(bm, 128, 4, 3, split) for bm, split in itertools.product((16, 32, 64), (2, 4)) if bm <= max(16, m)]
     bms = [b for b in (16, 32, 64, 128, 256) if b <= max(16, triton_next_pow2(m)) and b >= min(m, 256) // 4]
     splits = (2, 4) if m <= 64 else (1, 2) if m <= 512 else (1,)
-    wx = [GemmConfig(bm, bn, 8 if big else 4, stages, split, True, True)
+    wx = [GemmConfig(bm, bn, 8 if big else 4, stages, split, wx=True)
           for bm, bn, stages, split in itertools.product(bms, (64, 128, 256), (2, 3, 4), splits)
           for big in [bm * bn >= 128 * 128] if bm * bn <= 256 * 128 and (stages < 4 if big else stages > 2)]
     return [None] + xw + wx

@@ -10,10 +10,9 @@ Layout: kernels/gptq_layout.py. Oracle: `dequantize_reference` there.
   its own order. Otherwise (bf16 x, the interpreter) one tl.dot per slot in float32
   dequantization, x gathered once into slot order (`slot_order`) so each slot's x tile is one
   contiguous, pipelined load.
-* `_gemm_kernel` (x as the left operand): per unit, either one tl.dot per slot reading x with a
-  stride of 2, or the unit's words unpacked to a [BLOCK_N, 128] tile in row order (a reshape and
-  a permute: register shuffles) and one tl.dot. Kept for the sweeps and for group sizes whose
-  units are too short for a slot's tl.dot.
+* `_gemm_kernel` (x as the left operand): per unit, the unit's words unpacked to a [BLOCK_N, UNIT]
+  tile in row order (a reshape and a permute: register shuffles) and one tl.dot. For group sizes
+  whose units are too short for a slot's tl.dot (and the sweeps).
 * `_dequant_kernel` (prefill): W [N, k] in nn.Linear's layout (packed row order) for a range
   of units, so cuBLAS computes x @ W^T; the launcher bounds the scratch by doing K in blocks.
 """
@@ -44,7 +43,6 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1  # K slices; their float32 partials are summed in order (deterministic)
-    per_slot: bool = True  # one tl.dot per value slot (K = words per unit) instead of one per unit
     wx: bool = False  # `_gemm_wx_kernel`: weights as the left operand, x gathered in slot order
     pairs: bool = True  # wx with fp16 x on CUDA: packed-fp16 dequantization, one tl.dot per slot pair
 
@@ -69,7 +67,7 @@ def default_gemm_config(m: int, n: int, k: int, device: torch.device) -> GemmCon
         cfg, programs = GemmConfig(128, 128, 8, 3, wx=True), sms
     tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
     split = 1 if m > 64 and 2 * tiles >= sms else max(1, min(k // 1024, programs // tiles))
-    return GemmConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, split, True, True)
+    return GemmConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, split, wx=True)
 
 
 def gemm_beats_dequant(m: int, n: int, device: torch.device) -> bool:
@@ -145,25 +143,6 @@ if triton is not None:
         return ((q | 0x4B000000).to(tl.float32, bitcast=True) - z) * s
 
     @triton.jit
-    def _unit_dots_per_slot(acc, x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, m_ok, cols, n_ok, u,
-                            K_WORDS, GROUPS, stride_xm, BITS: tl.constexpr, UNIT: tl.constexpr,
-                            UNITS_PER_GROUP: tl.constexpr, HAS_PERM: tl.constexpr):
-        """acc += x[:, unit u] @ W[cols, unit u]^T as one tl.dot per value slot: slot j of the unit's
-        words is W at rows p 2WPU + 2w + h (j = h P/2 + p), read from x with a stride of 2."""
-        P: tl.constexpr = 32 // BITS
-        WPU: tl.constexpr = UNIT // P
-        offs_w = tl.arange(0, WPU)
-        words, s, z = _unit_words(qweight_ptr, scales_ptr, zeros_ptr, cols, n_ok, u, K_WORDS, GROUPS, WPU, UNITS_PER_GROUP)
-        for j in tl.static_range(P):
-            k = u * UNIT + (j % (P // 2)) * 2 * WPU + 2 * offs_w + j // (P // 2)  # [WPU]
-            if HAS_PERM:
-                k = tl.load(perm_ptr + k)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)  # [BM, WPU]
-            w = _slot_weights(words, s, z, j, BITS)  # [BN, WPU]
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
-        return acc
-
-    @triton.jit
     def _gemm_wx_kernel(
         xs_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
         M, N, K_WORDS, UNITS, GROUPS, stride_xm, stride_om, units_per_split,
@@ -214,7 +193,7 @@ if triton is not None:
         M, N, K_WORDS, UNITS, GROUPS, stride_xm, stride_om, units_per_split,
         BITS: tl.constexpr, UNIT: tl.constexpr, UNITS_PER_GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-        PARTIAL: tl.constexpr, PER_SLOT: tl.constexpr,
+        PARTIAL: tl.constexpr,
     ):
         """out[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for one [BLOCK_M, BLOCK_N] tile, over the units
         of K slice program_id(2); PARTIAL: store float32 to out[slice] (the launcher adds the slices)."""
@@ -225,18 +204,13 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         u_lo = tl.program_id(2) * units_per_split
         for u in tl.range(u_lo, tl.minimum(u_lo + units_per_split, UNITS)):
-            if PER_SLOT:
-                acc = _unit_dots_per_slot(acc, x_ptr, qweight_ptr, scales_ptr, zeros_ptr, perm_ptr, offs_m, m_ok,
-                                          cols, n_ok, u, K_WORDS, GROUPS, stride_xm,
-                                          BITS, UNIT, UNITS_PER_GROUP, HAS_PERM)
-            else:
-                k = u * UNIT + tl.arange(0, UNIT)
-                if HAS_PERM:
-                    k = tl.load(perm_ptr + k)
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)
-                w = _unit_tile(qweight_ptr, scales_ptr, zeros_ptr, cols, n_ok, u, K_WORDS, GROUPS,
-                               BITS, UNIT, UNITS_PER_GROUP)
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)  # [BM, UNIT] x [UNIT, BN]
+            k = u * UNIT + tl.arange(0, UNIT)
+            if HAS_PERM:
+                k = tl.load(perm_ptr + k)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)
+            w = _unit_tile(qweight_ptr, scales_ptr, zeros_ptr, cols, n_ok, u, K_WORDS, GROUPS,
+                           BITS, UNIT, UNITS_PER_GROUP)
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)  # [BM, UNIT] x [UNIT, BN]
         if HAS_BIAS and not PARTIAL:
             acc += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         out = out_ptr + tl.program_id(2) * M * N + offs_m[:, None] * stride_om + cols[None, :]
@@ -324,7 +298,7 @@ def gptq_gemm(x: torch.Tensor, w: GPTQWeights, config: GemmConfig | None = None)
             m, n, w.qweight.shape[1], units, w.scales.shape[1], x.stride(0), n, per_split,
             BITS=w.bits, UNIT=w.unit, UNITS_PER_GROUP=w.group_size // w.unit, BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n, HAS_PERM=w.perm is not None, HAS_BIAS=w.bias is not None, PARTIAL=splits > 1,
-            PER_SLOT=cfg.per_slot and slot_dots, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if splits == 1:
         return out
